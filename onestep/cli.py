@@ -1,0 +1,157 @@
+"""`onestep` console command: one subcommand per verb. Heavy imports happen inside each verb."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", required=True, help="named recipe (see `onestep presets`)")
+    p.add_argument("--run-dir", required=True, help="folder for checkpoints, logs, sample grids, model")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.steps=100 --set method_cfg.optim.lr=1e-4")
+    p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has checkpoints")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--metric", choices=["none", "classifier"], default="none",
+                   help="periodic sample-quality metric (classifier = fast Fashion-MNIST feature KID)")
+
+
+def _run_config(args):
+    from onestep.config import override
+    from training.presets import get_preset
+
+    rc = get_preset(args.preset)
+    if getattr(args, "teacher", None):
+        import dataclasses
+        rc = dataclasses.replace(rc, teacher=args.teacher)
+    if args.overrides:
+        rc = override(rc, args.overrides)
+    return rc
+
+
+def _metric_fn(name: str):
+    if name == "none":
+        return None
+    from onestep.metrics import classifier_kid_fn
+
+    return classifier_kid_fn()
+
+
+def cmd_train(args) -> int:
+    from training.run import train
+
+    rc = _run_config(args)
+    res = train(rc, args.run_dir, resume=not args.no_resume, device=args.device, metric_fn=_metric_fn(args.metric))
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from training.presets import PRESETS
+
+    for name, rc in sorted(PRESETS.items()):
+        print(f"{name:24s} method={rc.method:18s} steps={rc.train.steps} batch={rc.train.batch_size}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+    import torch
+
+    from onestep.checkpoint import load_model
+    from onestep.data import to_uint8
+    from onestep.images import save_grid
+    from onestep.noise import parse_seeds, seeded_noise
+    from onestep.samplers import sample, sample_onestep
+
+    model, meta = load_model(args.model)
+    seeds = parse_seeds(args.seeds)
+    shape = _image_shape(meta["model"])
+    z = torch.from_numpy(seeded_noise(seeds, shape))
+    n_cls = getattr(model, "num_classes", 0)
+    labels = None
+    if n_cls:
+        labels = torch.tensor([args.label] * len(seeds)) if args.label is not None else torch.arange(len(seeds)) % n_cls
+    with torch.no_grad():
+        if meta["model"]["kind"] == "edm-denoiser":
+            x = sample(model, z, labels, args.sampler, args.steps, args.schedule, progress=True)
+        else:
+            x = sample_onestep(model, z, labels)
+    imgs = to_uint8(x.numpy())
+    out = Path(args.out)
+    if out.suffix == ".png":
+        save_grid(out, imgs, nrow=args.nrow)
+    else:
+        np.savez(out, images=imgs, seeds=np.asarray(seeds), labels=None if labels is None else labels.numpy())
+    print(f"wrote {len(seeds)} images to {out}")
+    return 0
+
+
+def _image_shape(spec: dict) -> tuple[int, int, int]:
+    while "denoiser" in spec:
+        spec = spec["denoiser"]
+    if "unet" in spec:
+        u = spec["unet"]
+        return (u["channels"], u["resolution"], u["resolution"])
+    return tuple(spec["image_shape"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from onestep import __version__
+
+    ap = argparse.ArgumentParser(prog="onestep", description="Distil diffusion teachers into one-step "
+                                 "generators, export them, serve them behind Triton and benchmark them.")
+    ap.add_argument("--version", action="version", version=f"onestep {__version__}")
+    sub = ap.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+
+    p = sub.add_parser("train", help="train a teacher (EDM) from a preset", description="Train a diffusion "
+                       "teacher with the EDM loss. Resumes from the run folder's latest checkpoint.")
+    _add_run_args(p)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("presets", help="list named presets")
+    p.set_defaults(fn=cmd_presets)
+
+    p = sub.add_parser("sample", help="sample images from a teacher or student checkpoint")
+    p.add_argument("--model", required=True, help="checkpoint (.safetensors with JSON sidecar)")
+    p.add_argument("--seeds", default="0-39", help="e.g. 0-39 or 1,5,9")
+    p.add_argument("--label", type=int, default=None, help="class label for all images (default: cycle classes)")
+    p.add_argument("--sampler", default="heun", choices=["heun", "euler", "ddim"])
+    p.add_argument("--steps", type=int, default=18)
+    p.add_argument("--schedule", default="karras", help="karras | loglinear | ddim-uniform | ddim-quadratic")
+    p.add_argument("--nrow", type=int, default=10)
+    p.add_argument("--out", required=True, help="grid .png or .npz of uint8 images")
+    p.set_defaults(fn=cmd_sample)
+
+    for register in _EXTRA_VERBS:
+        register(sub)
+    return ap
+
+
+_EXTRA_VERBS: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        from onestep.checkpoint import CheckpointError
+        from onestep.data import DataError
+
+        if isinstance(e, (CheckpointError, DataError, ValueError, KeyError, FileNotFoundError)):
+            print(f"onestep {args.verb}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Configuration as data: frozen dataclasses, serialisable to JSON and back."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear learning-rate warm-up
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer iterations
+    batch_size: int = 64  # global batch (split across data-parallel ranks)
+    grad_accum: int = 1
+    ema_decay: float = 0.999  # per iteration; warmed up as min(decay, (1+it)/(10+it))
+    clip_grad_norm: float | None = 1.0
+    max_nan_skips: int = 20  # consecutive non-finite steps tolerated before the run stops
+    log_every: int = 25
+    ckpt_every: int = 250
+    keep_checkpoints: int = 2
+    sample_every: int = 500
+    metric_every: int = 0  # 0 = only at the end
+    metric_samples: int = 1000
+    seed: int = 0
+    amp: str = "auto"  # auto (bf16 autocast on CUDA, off on CPU) | off | bf16 | fp16
+    num_threads: int = 0  # torch CPU threads, 0 = torch default
+
+
+def to_dict(cfg: Any) -> Any:
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def from_dict(cls: type, d: dict) -> Any:
+    """Inverse of `to_dict` for (nested) frozen dataclasses with tuple fields."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        v, t = d[f.name], hints[f.name]
+        if dataclasses.is_dataclass(t) and isinstance(v, dict):
+            v = from_dict(t, v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        kwargs[f.name] = v
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    return cls(**kwargs)
+
+
+def override(cfg: Any, assignments: list[str]) -> Any:
+    """Apply 'a.b=value' overrides (value parsed as JSON when possible) to a frozen dataclass tree."""
+    import json
+
+    for a in assignments:
+        if "=" not in a:
+            raise ValueError(f"override {a!r} is not of the form key=value")
+        key, raw = a.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        cfg = _set(cfg, key.split("."), value)
+    return cfg
+
+
+def _set(cfg: Any, path: list[str], value: Any) -> Any:
+    names = {f.name for f in dataclasses.fields(cfg)}
+    if path[0] not in names:
+        raise ValueError(f"{type(cfg).__name__} has no field {path[0]!r} (fields: {sorted(names)})")
+    if len(path) == 1:
+        if isinstance(value, list):
+            value = tuple(value)
+        return dataclasses.replace(cfg, **{path[0]: value})
+    return dataclasses.replace(cfg, **{path[0]: _set(getattr(cfg, path[0]), path[1:], value)})
+
+
+__all__ = ["OptimConfig", "TrainConfig", "to_dict", "from_dict", "override", "field"]

@@ -1,0 +1,1 @@
+"""Training: the generic trainer and the method classes (teacher EDM training and distillation methods)."""

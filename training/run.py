@@ -1,0 +1,40 @@
+"""Build a method from a RunConfig and train it with the generic trainer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from onestep.data import load_dataset
+from training.presets import RunConfig
+from training.trainer import Trainer
+
+
+def build_method(rc: RunConfig):
+    from training.methods import METHODS
+
+    if rc.method not in METHODS:
+        raise KeyError(f"unknown method {rc.method!r}; available: {', '.join(sorted(METHODS))}")
+    cls, _ = METHODS[rc.method]
+    needs = getattr(cls, "needs", ("data",))
+    kwargs = {}
+    if "data" in needs:
+        kwargs["data"] = load_dataset(rc.data, "train", size=getattr(rc.method_cfg, "unet", None).resolution
+                                      if hasattr(rc.method_cfg, "unet") else 32)
+    if "teacher" in needs:
+        from onestep.checkpoint import load_model
+
+        if not rc.teacher:
+            raise ValueError(f"method {rc.method!r} needs --teacher CKPT")
+        kwargs["teacher"], _ = load_model(rc.teacher)
+    return cls(rc.method_cfg, **kwargs)
+
+
+def train(rc: RunConfig, run_dir: str | os.PathLike, resume: bool = True, device: str = "auto",
+          metric_fn=None, progress: bool = True) -> dict:
+    method = build_method(rc)
+    trainer = Trainer(method, rc.train, Path(run_dir), device=device, run_config=rc.to_dict(),
+                      metric_fn=metric_fn, progress=progress)
+    result = trainer.fit(resume=resume)
+    result["model"] = str(trainer.run_dir / "model.safetensors")
+    return result

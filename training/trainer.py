@@ -1,0 +1,401 @@
+"""The generic trainer: one loop for teacher training and every distillation method.
+
+It owns: optimizers and warm-up, EMA, gradient clipping, NaN/Inf guards, mixed precision on GPU, gradient
+accumulation, data parallelism under torchrun (gradients all-reduced across ranks, gloo or nccl), atomic
+checkpoints and resume, progress bar, CSV logging, periodic sample grids and a periodic metric.
+A method (training/methods/) only builds nets and returns named losses for a phase.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from onestep.checkpoint import CheckpointError, save_model
+from onestep.config import TrainConfig, to_dict
+from onestep.data import to_uint8
+from onestep.images import save_grid
+from onestep.provenance import atomic_write_json, stamp
+from training.methods.base import Method, seeds_for_grid
+
+STATE_PREFIX = "state-"
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite losses or gradients."""
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return _dist_info()
+
+
+class EMA:
+    """Exponential moving average of a net's parameters (buffers copied), warm-up min(d, (1+it)/(10+it))."""
+
+    def __init__(self, net: torch.nn.Module, decay: float):
+        self.net = copy.deepcopy(net).requires_grad_(False).eval()
+        if hasattr(net, "spec"):
+            self.net.spec = net.spec
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, net: torch.nn.Module, it: int) -> None:
+        d = min(self.decay, (1 + it) / (10 + it))
+        for pe, p in zip(self.net.parameters(), net.parameters()):
+            pe.lerp_(p.detach(), 1 - d)
+        for be, b in zip(self.net.buffers(), net.buffers()):
+            be.copy_(b)
+
+
+class Trainer:
+    def __init__(self, method: Method, cfg: TrainConfig, run_dir: str | os.PathLike, device: str = "auto",
+                 run_config: dict | None = None, metric_fn: Callable[[np.ndarray, np.ndarray | None], dict] | None = None,
+                 progress: bool = True):
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.rank, self.world = init_distributed(self.device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        if cfg.batch_size % (self.world * cfg.grad_accum):
+            raise ValueError(f"batch_size {cfg.batch_size} must divide by world_size*grad_accum "
+                             f"= {self.world * cfg.grad_accum}")
+        self.cfg = cfg
+        self.method = method.to(self.device)
+        self.run_dir = Path(run_dir)
+        self.run_config = run_config or {}
+        self.metric_fn = metric_fn
+        self.progress = progress and self.rank == 0
+        self.micro_batch = cfg.batch_size // (self.world * cfg.grad_accum)
+        self.optims = {name: self._make_optim(name) for name in method.trainable.keys()}
+        self.emas = {name: EMA(method.trainable[name], cfg.ema_decay) for name in method.ema_names}
+        self.it = 0
+        self.nan_skips = 0
+        self.data_gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
+        torch.manual_seed(cfg.seed * 1000 + self.rank)
+        self._stop = False
+        amp = cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "off")
+        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        if self.world > 1:  # every rank starts from rank 0's weights
+            for p in self.method.state_dict().values():
+                dist.broadcast(p.data if hasattr(p, "data") else p, 0)
+
+    # --- optimisation ------------------------------------------------------------------------------------
+    def _make_optim(self, name: str) -> torch.optim.Optimizer:
+        oc = self.method.optim_config(name)
+        return torch.optim.Adam(self.method.trainable[name].parameters(), lr=oc.lr, betas=tuple(oc.betas),
+                                eps=oc.eps, weight_decay=oc.weight_decay)
+
+    def _lr(self, name: str) -> float:
+        oc = self.method.optim_config(name)
+        if oc.warmup_steps > 0:
+            return oc.lr * min(1.0, (self.it + 1) / oc.warmup_steps)
+        return oc.lr
+
+    def _set_trainable(self, phase: str) -> None:
+        for name, net in self.method.trainable.items():
+            net.requires_grad_(name == phase)
+
+    def train_step(self) -> dict[str, float]:
+        logs: dict[str, float] = {}
+        for phase in self.method.phases(self.it):
+            opt = self.optims[phase]
+            self._set_trainable(phase)
+            for o in self.optims.values():
+                o.zero_grad(set_to_none=True)
+            finite = True
+            agg: dict[str, float] = {}
+            for _ in range(self.cfg.grad_accum):
+                batch = self.method.get_batch(self.data_gen, self.micro_batch, self.device)
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    losses = self.method.step(batch, self.it, phase)
+                loss = losses["loss"].float() / self.cfg.grad_accum
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                for k, v in losses.items():
+                    agg[f"{phase}/{k}"] = agg.get(f"{phase}/{k}", 0.0) + float(v.detach()) / self.cfg.grad_accum
+            params = [p for p in self.method.trainable[phase].parameters() if p.grad is not None]
+            if self.world > 1:
+                flag = torch.tensor([1.0 if finite else 0.0], device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                finite = bool(flag.item() > 0)
+                if finite:
+                    for p in self.method.trainable[phase].parameters():
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                        dist.all_reduce(p.grad)
+                        p.grad /= self.world
+                    params = list(self.method.trainable[phase].parameters())
+            if finite and self.scaler:
+                self.scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm or float("inf")) \
+                if (finite and params) else torch.tensor(float("nan") if not finite else 0.0)
+            if not finite or not torch.isfinite(grad_norm):
+                self.nan_skips += 1
+                logs[f"{phase}/skipped"] = 1.0
+                for o in self.optims.values():
+                    o.zero_grad(set_to_none=True)
+                if self.scaler:
+                    self.scaler.update()
+                if self.nan_skips > self.cfg.max_nan_skips:
+                    raise NonFiniteError(f"{self.nan_skips} consecutive non-finite steps at iteration {self.it} "
+                                         f"(phase {phase}); the last checkpoint is intact, lower the lr and resume")
+                continue
+            self.nan_skips = 0
+            for g in opt.param_groups:
+                g["lr"] = self._lr(phase)
+            if self.scaler:
+                self.scaler.step(opt)
+                self.scaler.update()
+            else:
+                opt.step()
+            logs.update(agg)
+            logs[f"{phase}/grad_norm"] = float(grad_norm)
+            logs[f"{phase}/lr"] = self._lr(phase)
+        for name, ema in self.emas.items():
+            ema.update(self.method.trainable[name], self.it)
+        for net in self.method.trainable.values():
+            net.requires_grad_(True)
+        self.it += 1
+        return logs
+
+    # --- checkpoints -------------------------------------------------------------------------------------
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {"it": self.it, "optim_groups": {}, "optim_scalars": {}}
+        for name, net in self.method.trainable.items():
+            for k, v in net.state_dict().items():
+                tensors[f"net.{name}.{k}"] = v
+        for name, ema in self.emas.items():
+            for k, v in ema.net.state_dict().items():
+                tensors[f"ema.{name}.{k}"] = v
+        for name, opt in self.optims.items():
+            sd = opt.state_dict()
+            meta["optim_groups"][name] = sd["param_groups"]
+            for idx, st in sd["state"].items():
+                for k, v in st.items():
+                    if torch.is_tensor(v):
+                        tensors[f"optim.{name}.{idx}.{k}"] = v
+                    else:
+                        meta["optim_scalars"][f"{name}.{idx}.{k}"] = v
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.data"] = self.data_gen.get_state()
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        extra = self.method.extra_state() if hasattr(self.method, "extra_state") else {}
+        meta["method_state"] = extra
+        return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, meta
+
+    def save_state(self) -> Path | None:
+        """Atomic: written to a temporary folder, then renamed. Only rank 0 writes."""
+        if self.rank != 0:
+            return None
+        from safetensors.torch import save_file
+
+        tensors, meta = self.state_tensors()
+        final = self.ckpt_dir / f"{STATE_PREFIX}{self.it:08d}"
+        tmp = self.ckpt_dir / f".tmp-{STATE_PREFIX}{self.it:08d}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / "state.safetensors"))
+        atomic_write_json(tmp / "state.json", {**meta, "run_config": self.run_config, "train": to_dict(self.cfg),
+                                               "method": self.method.name, **stamp()})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(self.ckpt_dir.glob(f"{STATE_PREFIX}*"))[:-max(1, self.cfg.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.export()
+        return final
+
+    def latest_state(self) -> Path | None:
+        cands = sorted(p for p in self.ckpt_dir.glob(f"{STATE_PREFIX}*") if (p / "state.json").exists())
+        return cands[-1] if cands else None
+
+    def load_state(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path / "state.safetensors"))
+            meta = json.loads((path / "state.json").read_text())
+        except Exception as e:
+            raise CheckpointError(f"cannot read training state {path}: {e}") from e
+        if meta.get("method") != self.method.name:
+            raise CheckpointError(f"{path} belongs to method {meta.get('method')!r}, not {self.method.name!r}")
+
+        def sub(prefix):
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        for name, net in self.method.trainable.items():
+            net.load_state_dict(sub(f"net.{name}."))
+        for name, ema in self.emas.items():
+            ema.net.load_state_dict(sub(f"ema.{name}."))
+        for name, opt in self.optims.items():
+            state: dict[int, dict] = {}
+            for k, v in sub(f"optim.{name}.").items():
+                idx, key = k.split(".", 1)
+                state.setdefault(int(idx), {})[key] = v.to(self.device) if key != "step" else v
+            for k, v in meta["optim_scalars"].items():
+                n, idx, key = k.split(".", 2)
+                if n == name:
+                    state.setdefault(int(idx), {})[key] = v
+            opt.load_state_dict({"state": state, "param_groups": meta["optim_groups"][name]})
+        torch.set_rng_state(tensors["rng.torch"])
+        self.data_gen.set_state(tensors["rng.data"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        if hasattr(self.method, "load_extra_state"):
+            self.method.load_extra_state(meta.get("method_state", {}))
+        self.it = int(meta["it"])
+
+    def export_net(self) -> torch.nn.Module:
+        name = self.method.export_name
+        return self.emas[name].net if name in self.emas else self.method.trainable[name]
+
+    def export(self, path: str | os.PathLike | None = None, dtype: torch.dtype | None = None) -> Path:
+        """Write the product (EMA weights of the export net) as a model checkpoint."""
+        path = Path(path) if path else self.run_dir / "model.safetensors"
+        save_model(path, self.export_net(), self.method.export_spec(), dtype=dtype,
+                   extra={"method": self.method.name, "iteration": self.it, "run_config": self.run_config,
+                          "train": to_dict(self.cfg), "method_config": self.method.config_dict()})
+        return path
+
+    # --- monitoring ----------------------------------------------------------------------------------------
+    def sample_grid(self, n: int = 40) -> Path:
+        net = self.export_net()
+        shape = getattr(self.method, "image_shape", (1, 32, 32))
+        z, labels = seeds_for_grid(n, getattr(self.method, "num_classes", 0), shape)
+        imgs = self.method.sample(net, z.to(self.device), None if labels is None else labels.to(self.device))
+        path = self.run_dir / "samples" / f"grid-{self.it:08d}.png"
+        save_grid(path, to_uint8(imgs.float().cpu().numpy()), nrow=max(10, getattr(self.method, "num_classes", 0)))
+        return path
+
+    def run_metric(self) -> dict:
+        if self.metric_fn is None:
+            return {}
+        net = self.export_net()
+        shape = getattr(self.method, "image_shape", (1, 32, 32))
+        n, bs = self.cfg.metric_samples, 250
+        outs, labs = [], []
+        for i in range(0, n, bs):
+            z, labels = seeds_for_grid(min(bs, n - i), getattr(self.method, "num_classes", 0), shape, 10**6 + i)
+            imgs = self.method.sample(net, z.to(self.device), None if labels is None else labels.to(self.device))
+            outs.append(to_uint8(imgs.float().cpu().numpy()))
+            labs.append(None if labels is None else labels.numpy())
+        return self.metric_fn(np.concatenate(outs), None if labs[0] is None else np.concatenate(labs))
+
+    def _log(self, row: dict) -> None:
+        path = self.run_dir / "log.csv"
+        jsonl = self.run_dir / "log.jsonl"
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        keys = list(row.keys())
+        new = not path.exists()
+        if not new:
+            with open(path) as f:
+                header = f.readline().strip().split(",")
+            if header != keys:  # columns changed (e.g. a new phase appeared): keep the CSV rectangular
+                keys = header + [k for k in keys if k not in header]
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    # --- the loop ----------------------------------------------------------------------------------------
+    def fit(self, resume: bool = True) -> dict:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume and (latest := self.latest_state()) is not None:
+            self.load_state(latest)
+            if self.rank == 0:
+                print(f"resumed from {latest} at iteration {self.it}", flush=True)
+        elif self.rank == 0:
+            atomic_write_json(self.run_dir / "config.json", {"run_config": self.run_config, "train": to_dict(self.cfg),
+                                                             "method": self.method.name, **stamp()})
+        old_handler = signal.getsignal(signal.SIGTERM)
+
+        def on_term(signum, frame):  # finish the current iteration, save, exit
+            self._stop = True
+
+        try:
+            signal.signal(signal.SIGTERM, on_term)
+        except ValueError:  # not the main thread
+            old_handler = None
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=self.cfg.steps, initial=self.it, desc=self.method.name, dynamic_ncols=True)
+        t0, it0 = time.time(), self.it
+        window: dict[str, list[float]] = {}
+        summary: dict[str, Any] = {}
+        try:
+            while self.it < self.cfg.steps and not self._stop:
+                logs = self.train_step()
+                for k, v in logs.items():
+                    window.setdefault(k, []).append(v)
+                if bar:
+                    bar.update(1)
+                    short = {k.split("/")[0][:3] + "/" + k.split("/")[1][:8]: f"{np.mean(v):.4g}"
+                             for k, v in window.items() if k.endswith("loss")}
+                    bar.set_postfix(short, refresh=False)
+                last = self.it >= self.cfg.steps
+                if self.rank == 0 and (self.it % self.cfg.log_every == 0 or last):
+                    elapsed = time.time() - t0
+                    row = {"it": self.it, "kimg": self.it * self.cfg.batch_size / 1000,
+                           "sec_per_it": elapsed / max(1, self.it - it0), "nan_skips": self.nan_skips}
+                    row.update({k: float(np.mean(v)) for k, v in window.items()})
+                    self._log(row)
+                    window = {}
+                if self.cfg.ckpt_every and self.it % self.cfg.ckpt_every == 0 and not last:
+                    self.save_state()
+                if self.rank == 0 and self.cfg.sample_every and (self.it % self.cfg.sample_every == 0 or last):
+                    self.sample_grid()
+                if self.rank == 0 and self.cfg.metric_every and self.it % self.cfg.metric_every == 0 and not last:
+                    m = self.run_metric()
+                    if m:
+                        self._log({"it": self.it, **{f"metric/{k}": v for k, v in m.items()}})
+            self.save_state()
+            if self.rank == 0 and self.it >= self.cfg.steps and self.metric_fn is not None:
+                summary = self.run_metric()
+                self._log({"it": self.it, **{f"metric/{k}": v for k, v in summary.items()}})
+        finally:
+            if bar:
+                bar.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
+        if self.world > 1:
+            dist.barrier()
+        return {"it": self.it, "stopped_early": self._stop, **summary}
