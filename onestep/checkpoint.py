@@ -59,8 +59,11 @@ def _build_generator(spec: dict) -> nn.Module:
 def build_model(spec: dict) -> nn.Module:
     kind = spec.get("kind")
     if kind not in _BUILDERS:
-        # method-specific kinds (e.g. staged generators) register themselves on import
-        import training.methods  # noqa: F401
+        # other kinds (classifier, method-specific generators) register themselves on import
+        import importlib
+
+        for mod in ("onestep.classifier", "training.methods"):
+            importlib.import_module(mod)
     if kind not in _BUILDERS:
         raise CheckpointError(f"unknown model kind {kind!r}; known: {sorted(_BUILDERS)}")
     return _BUILDERS[kind](spec)

@@ -90,6 +90,13 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_train_classifier(args) -> int:
+    from onestep.classifier import train_classifier
+
+    print(json.dumps(train_classifier(args.out, epochs=args.epochs), indent=2))
+    return 0
+
+
 def _image_shape(spec: dict) -> tuple[int, int, int]:
     while "denoiser" in spec:
         spec = spec["denoiser"]
@@ -126,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nrow", type=int, default=10)
     p.add_argument("--out", required=True, help="grid .png or .npz of uint8 images")
     p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("train-classifier", help="train the fast Fashion-MNIST feature classifier")
+    p.add_argument("--out", default="artifacts/fmnist-classifier.safetensors")
+    p.add_argument("--epochs", type=int, default=2)
+    p.set_defaults(fn=cmd_train_classifier)
+
+    from benchmarks import quality
+
+    p = sub.add_parser("evaluate", help="sample quality vs NFE (classifier and Inception KID/FID)",
+                       description=quality.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    quality.add_arguments(p)
+    p.set_defaults(fn=quality.run)
 
     for register in _EXTRA_VERBS:
         register(sub)

@@ -44,8 +44,8 @@ PRESETS: dict[str, RunConfig] = {
     "fmnist-teacher": RunConfig(
         method="edm-teacher", data="fashion-mnist",
         method_cfg=EDMTeacherConfig(unet=FMNIST_UNET, optim=OptimConfig(lr=6e-4, warmup_steps=200)),
-        train=TrainConfig(steps=3500, batch_size=64, ema_decay=0.998, clip_grad_norm=1.0, log_every=25,
-                          ckpt_every=250, sample_every=500, seed=0)),
+        train=TrainConfig(steps=2500, batch_size=64, ema_decay=0.998, clip_grad_norm=1.0, log_every=25,
+                          ckpt_every=250, sample_every=500, seed=0, num_threads=1)),
     # Seconds on CPU: for tests and smoke runs only; its samples are noise-like.
     "tiny-teacher": RunConfig(
         method="edm-teacher", data="fashion-mnist",

@@ -32,6 +32,9 @@ def build_method(rc: RunConfig):
 
 def train(rc: RunConfig, run_dir: str | os.PathLike, resume: bool = True, device: str = "auto",
           metric_fn=None, progress: bool = True) -> dict:
+    import torch
+
+    torch.manual_seed(rc.train.seed)  # the initial weights are part of the recipe
     method = build_method(rc)
     trainer = Trainer(method, rc.train, Path(run_dir), device=device, run_config=rc.to_dict(),
                       metric_fn=metric_fn, progress=progress)

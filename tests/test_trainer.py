@@ -1,0 +1,87 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import needs_fmnist
+from onestep.config import override
+from training.presets import get_preset
+from training.run import build_method, train
+from training.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _rc(steps, **kw):
+    rc = get_preset("tiny-teacher")
+    sets = [f"train.steps={steps}", "train.sample_every=0", "train.ckpt_every=0"] + \
+        [f"{k}={json.dumps(v)}" for k, v in kw.items()]
+    return override(rc, sets)
+
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "model.safetensors"))
+
+
+@needs_fmnist
+def test_teacher_loss_falls(tmp_path):
+    train(_rc(30, **{"train.log_every": 5}), tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    losses = [r["denoiser/loss"] for r in rows if "denoiser/loss" in r]
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-2:]) < np.mean(losses[:2])
+    assert (tmp_path / "model.json").exists() and (tmp_path / "log.csv").exists()
+
+
+@needs_fmnist
+def test_resume_continues_the_same_run(tmp_path):
+    train(_rc(6), tmp_path / "straight", progress=False)
+    train(_rc(3), tmp_path / "split", progress=False)  # "killed" after 3 iterations (a checkpoint is written)
+    res = train(_rc(6), tmp_path / "split", progress=False)  # resumes from iteration 3
+    assert res["it"] == 6
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+
+
+@needs_fmnist
+def test_nan_guard_skips_and_stops(tmp_path):
+    rc = _rc(50, **{"train.max_nan_skips": 3})
+    method = build_method(rc)
+    orig = method.step
+    method.step = lambda batch, it, phase: {"loss": orig(batch, it, phase)["loss"] * float("nan")}
+    trainer = Trainer(method, rc.train, tmp_path, progress=False)
+    before = {k: v.clone() for k, v in method.trainable["denoiser"].state_dict().items()}
+    from training.trainer import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="consecutive non-finite"):
+        trainer.fit()
+    after = method.trainable["denoiser"].state_dict()
+    for k in before:  # no poisoned update was applied
+        torch.testing.assert_close(before[k], after[k])
+
+
+@needs_fmnist
+def test_sample_grid_written(tmp_path):
+    rc = override(get_preset("tiny-teacher"), ["train.steps=2", "train.sample_every=2", "train.ckpt_every=0"])
+    train(rc, tmp_path, progress=False)
+    assert (tmp_path / "samples" / "grid-00000002.png").stat().st_size > 100
+
+
+@needs_fmnist
+def test_data_parallel_two_processes_gloo(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "onestep.cli", "train", "--preset", "tiny-teacher", "--run-dir", str(tmp_path),
+           "--set", "train.steps=4", "--set", "train.sample_every=0", "--set", "train.ckpt_every=2"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert meta["iteration"] == 4
