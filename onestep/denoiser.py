@@ -17,9 +17,10 @@ from torch import nn
 
 def _sigma_vector(sigma, x: torch.Tensor) -> torch.Tensor:
     """float | 0-d | (1,) | (B,) tensor -> (B,) tensor on x's device/dtype."""
-    s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
-    if s.numel() == 1:
-        s = s.expand(x.shape[0])
+    s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    if s.ndim == 0:
+        return s.expand(x.shape[0])
+    s = s.reshape(-1)
     if s.shape[0] != x.shape[0]:
         raise ValueError(f"sigma has {s.shape[0]} entries for a batch of {x.shape[0]}")
     return s
@@ -30,9 +31,8 @@ def _check_labels(labels, x: torch.Tensor, num_classes: int):
         return None
     if labels is None:
         raise ValueError(f"this model is class-conditional ({num_classes} classes): pass labels")
-    labels = torch.as_tensor(labels, device=x.device).reshape(-1).long()
-    if labels.numel() == 1 and x.shape[0] > 1:
-        labels = labels.expand(x.shape[0])
+    labels = torch.as_tensor(labels, device=x.device).long()
+    labels = labels.expand(x.shape[0]) if labels.ndim == 0 else labels.reshape(-1)
     if labels.shape[0] != x.shape[0]:
         raise ValueError(f"{labels.shape[0]} labels for a batch of {x.shape[0]}")
     if not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not _exporting() and labels.numel():

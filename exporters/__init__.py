@@ -1,0 +1,1 @@
+"""Exporters: PyTorch checkpoints -> ONNX (with measured parity) -> TensorRT engines -> Triton repositories."""
