@@ -146,12 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_arguments(p)
     p.set_defaults(fn=quality.run)
 
-    for register in _EXTRA_VERBS:
-        register(sub)
+    from exporters.cli import register as register_export
+    from serving.cli import register as register_serving
+
+    register_export(sub)
+    register_serving(sub)
     return ap
-
-
-_EXTRA_VERBS: list = []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,10 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        from exporters.onnx_export import ExportError
         from onestep.checkpoint import CheckpointError
         from onestep.data import DataError
+        from serving.triton_server import TritonError
 
-        if isinstance(e, (CheckpointError, DataError, ValueError, KeyError, FileNotFoundError)):
+        if isinstance(e, (CheckpointError, DataError, ExportError, TritonError, ValueError, KeyError,
+                          FileNotFoundError)):
             print(f"onestep {args.verb}: error: {e}", file=sys.stderr)
             return 2
         raise

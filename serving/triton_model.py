@@ -12,7 +12,6 @@ on its (seed, label), never on what else the dynamic batcher put in the batch.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,49 +24,18 @@ except ImportError:  # imported outside Triton (tests, docs)
 
 class TritonPythonModel:
     def initialize(self, args):
-        import onnxruntime as ort
+        from serving.engine import ImageEngine
 
         cfg = json.loads(args["model_config"])
         p = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
-        self.mode = p["mode"]
-        self.shape = tuple(int(d) for d in p["image_shape"].split(","))
-        self.num_classes = int(p.get("num_classes", "0"))
         version_dir = Path(args["model_repository"]) / args["model_version"]
         providers = [x for x in p.get("providers", "CPUExecutionProvider").split(",") if x]
-        available = ort.get_available_providers()
-        providers = [x for x in providers if x in available] or ["CPUExecutionProvider"]
-        opts = ort.SessionOptions()
-        threads = int(p.get("intra_op_threads", "0"))
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(version_dir / p["onnx_file"]), sess_options=opts, providers=providers)
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        if self.mode == "teacher":
-            from onestep.samplers import SAMPLERS, make_sigmas
-
-            self.sampler = SAMPLERS[p["sampler"]]
-            self.sigmas = make_sigmas(p.get("schedule", "karras"), int(p["steps"]), float(p["sigma_min"]),
-                                      float(p["sigma_max"]), float(p.get("rho", "7")))
-        self.max_seed = 2**63 - 1
-
-    def _denoise(self, x, sigma, labels):
-        feeds = {"x": x.astype(np.float32), "sigma": sigma.astype(np.float32)}
-        if labels is not None:
-            feeds["labels"] = labels
-        return self.session.run(None, feeds)[0]
+        self.engine = ImageEngine(version_dir / p["onnx_file"], providers, p.get("sampler", "heun"),
+                                  int(p.get("steps", "1")), int(p.get("intra_op_threads", "0")))
+        self.num_classes = self.engine.num_classes
 
     def _generate(self, seeds: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
-        from onestep.noise import seeded_noise
-
-        z = seeded_noise(seeds.tolist(), self.shape)
-        if self.mode == "generator":
-            feeds = {"z": z}
-            if labels is not None:
-                feeds["labels"] = labels
-            x = self.session.run(None, feeds)[0]
-        else:
-            x = self.sampler(self._denoise, z, self.sigmas, labels)
-        return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        return self.engine.generate(seeds.tolist(), labels)
 
     def _validate(self, request):
         seeds = pb_utils.get_input_tensor_by_name(request, "SEED").as_numpy().reshape(-1).astype(np.int64)
@@ -110,8 +78,4 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
-        self.session = None
-
-
-if os.environ.get("ONESTEP_TRITON_MODEL_SELFTEST"):  # pragma: no cover - manual debugging aid
-    print("onestep triton model importable")
+        self.engine = None

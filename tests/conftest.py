@@ -31,3 +31,32 @@ def has_fashion_mnist() -> bool:
 
 needs_fmnist = pytest.mark.skipif(not has_fashion_mnist(),
                                   reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory):
+    """A tiny teacher + one-step student (teacher copy at sigma_g = 2.5), exported to ONNX, and a Triton
+    repository with the student and a 3-step Heun teacher. Built once per test session (seconds on CPU)."""
+    import torch
+
+    from exporters.onnx_export import export_onnx
+    from exporters.triton_repo import build_repository
+    from onestep.checkpoint import save_model
+    from onestep.denoiser import OneStepGenerator
+    from training.methods.edm import EDMTeacherConfig, make_edm_denoiser
+    from training.presets import TINY_UNET
+
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    d = make_edm_denoiser(EDMTeacherConfig(unet=TINY_UNET))
+    save_model(root / "teacher.safetensors", d, d.spec)
+    g = OneStepGenerator(d, 2.5)
+    save_model(root / "student.safetensors", g, {"kind": "one-step-generator", "sigma_g": 2.5, "denoiser": d.spec},
+               extra={"method": "teacher-copy"})
+    s_side = export_onnx(root / "student.safetensors", root / "student.onnx")
+    t_side = export_onnx(root / "teacher.safetensors", root / "teacher.onnx")
+    build_repository(root / "repo", root / "student.onnx", "tiny", root / "teacher.onnx", (("heun", 3),),
+                     max_batch=16, max_queue_delay_us=20000)
+    return {"root": root, "student_ckpt": root / "student.safetensors", "teacher_ckpt": root / "teacher.safetensors",
+            "student_onnx": root / "student.onnx", "teacher_onnx": root / "teacher.onnx", "repo": root / "repo",
+            "student_sidecar": s_side, "teacher_sidecar": t_side}

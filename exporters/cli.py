@@ -1,0 +1,80 @@
+"""`onestep export {onnx,tensorrt,triton}` verbs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def cmd_onnx(args) -> int:
+    from exporters.onnx_export import export_onnx
+
+    side = export_onnx(args.model, args.out, graph=args.graph, precision=args.precision, opset=args.opset,
+                       tolerance=args.tolerance, simplify=args.simplify)
+    print(json.dumps({k: side[k] for k in ("file", "graph", "precision", "opset", "parity", "export_seconds")},
+                     indent=2))
+    return 0
+
+
+def cmd_tensorrt(args) -> int:
+    from exporters.tensorrt_export import build_engine
+
+    prof = tuple(int(x) for x in args.profile.split(","))
+    side = build_engine(args.onnx, args.cache_dir, args.precision, prof, args.timing_cache)
+    print(json.dumps({k: side.get(k) for k in ("path", "cache_hit", "precision", "profile", "parity",
+                                               "build_seconds")}, indent=2))
+    return 0
+
+
+def cmd_triton(args) -> int:
+    from benchmarks.quality import parse_points
+    from exporters.triton_repo import build_repository
+
+    man = build_repository(args.out, args.student, args.name, args.teacher,
+                           tuple(parse_points(args.teacher_steps)), args.engine, args.max_batch,
+                           args.max_queue_delay_us, args.instances, args.kind, args.providers, args.intra_op_threads)
+    print(json.dumps({"repository": args.out, "models": list(man["models"])}, indent=2))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="export to ONNX, TensorRT or a Triton model repository",
+                       description="Export a checkpoint: `export onnx`, then `export tensorrt` (NVIDIA containers) "
+                                   "and/or `export triton` to build a servable model repository.")
+    ex = p.add_subparsers(dest="target", metavar="TARGET")
+    ex.required = True
+
+    o = ex.add_parser("onnx", help="checkpoint -> ONNX with measured parity and a JSON sidecar")
+    o.add_argument("--model", required=True, help="student or teacher checkpoint (.safetensors)")
+    o.add_argument("--out", required=True, help="output .onnx path (sidecar written as OUT.json)")
+    o.add_argument("--graph", default="auto", choices=["auto", "generator", "denoiser"],
+                   help="generator: (z, labels) -> image; denoiser: (x, sigma, labels) -> x0_hat")
+    o.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    o.add_argument("--opset", type=int, default=18)
+    o.add_argument("--tolerance", type=float, default=None, help="max abs error vs PyTorch (default 1e-4 fp32)")
+    o.add_argument("--simplify", action="store_true", help="run onnxsim (pip install onnxsim)")
+    o.set_defaults(fn=cmd_onnx)
+
+    t = ex.add_parser("tensorrt", help="ONNX -> TensorRT engine (needs TensorRT and a GPU)")
+    t.add_argument("--onnx", required=True)
+    t.add_argument("--cache-dir", default="artifacts/engines", help="engine cache folder")
+    t.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
+    t.add_argument("--profile", default="1,16,64", help="min,opt,max batch")
+    t.add_argument("--timing-cache", default=None)
+    t.set_defaults(fn=cmd_tensorrt)
+
+    r = ex.add_parser("triton", help="ONNX/engine artifacts -> Triton model repository")
+    r.add_argument("--out", required=True, help="repository folder")
+    r.add_argument("--student", default=None, help="student ONNX (generator graph)")
+    r.add_argument("--name", default="onestep", help="served name of the student")
+    r.add_argument("--teacher", default=None, help="teacher ONNX (denoiser graph) for N-step baselines")
+    r.add_argument("--teacher-steps", default="heun:18", help="sampler:steps list, e.g. euler:4,heun:18")
+    r.add_argument("--engine", default=None, help="TensorRT engine (.plan) to add as <name>_trt")
+    r.add_argument("--max-batch", type=int, default=64)
+    r.add_argument("--max-queue-delay-us", type=int, default=2000)
+    r.add_argument("--instances", type=int, default=1)
+    r.add_argument("--kind", default="cpu", choices=["cpu", "gpu"])
+    r.add_argument("--providers", default="CPUExecutionProvider",
+                   help="onnxruntime providers for the python-backend models, e.g. CUDAExecutionProvider,CPUExecutionProvider")
+    r.add_argument("--intra-op-threads", type=int, default=0)
+    r.set_defaults(fn=cmd_triton)

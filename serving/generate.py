@@ -1,0 +1,120 @@
+"""`onestep generate`: offline batch generation from a seed range into sharded .npz files and/or PNG folders.
+
+- Shard k holds seeds[k*S:(k+1)*S]; every shard is written to a temporary name and renamed when complete, so
+  a killed run (even kill -9) leaves only whole shards and a rerun produces exactly the files of an
+  uninterrupted run: completed shards are skipped, the rest are made.
+- `job.json` pins the job (seeds, labels, model hash, shard size); a rerun with other settings into the same
+  folder is refused instead of mixing outputs.
+- Ranks: under torchrun (RANK/WORLD_SIZE in the environment) or with --rank/--world-size, shard k goes to
+  rank k mod world_size; no coordination is needed.
+- Backends: in-process onnxruntime (--onnx) or a Triton server (--triton URL --model NAME).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from onestep.provenance import atomic_write_bytes, atomic_write_json
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:06d}"
+
+
+def labels_for(seeds: Sequence[int], num_classes: int, label: int | None) -> list[int] | None:
+    if not num_classes:
+        return None
+    if label is not None:
+        if not 0 <= label < num_classes:
+            raise ValueError(f"label must lie in [0, {num_classes - 1}]")
+        return [label] * len(seeds)
+    return [s % num_classes for s in seeds]
+
+
+def run_job(out_dir: str | Path, seeds: Sequence[int], generate: Callable[[list[int], list[int] | None], np.ndarray],
+            num_classes: int, job: dict, label: int | None = None, shard_size: int = 1000, batch: int = 64,
+            formats: Sequence[str] = ("npz",), rank: int = 0, world_size: int = 1, progress: bool = True) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = list(seeds)
+    job = {**job, "num_seeds": len(seeds), "first_seed": seeds[0], "last_seed": seeds[-1],
+           "seeds_sha": _seeds_digest(seeds), "label": label, "shard_size": shard_size, "formats": sorted(formats)}
+    jf = out / "job.json"
+    if jf.exists():
+        old = json.loads(jf.read_text())
+        if old != job:
+            diff = {k: (old.get(k), job.get(k)) for k in set(old) | set(job) if old.get(k) != job.get(k)}
+            raise ValueError(f"{out} holds another job (differs in {diff}); use a new folder")
+    elif rank == 0:
+        atomic_write_json(jf, job)
+    n_shards = (len(seeds) + shard_size - 1) // shard_size
+    mine = [k for k in range(n_shards) if k % world_size == rank]
+    todo = [k for k in mine if not _shard_done(out, k, formats)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(min(shard_size, len(seeds) - k * shard_size) for k in mine), desc="generate",
+                   unit="img", initial=sum(min(shard_size, len(seeds) - k * shard_size) for k in mine if k not in todo))
+    for k in todo:
+        s = seeds[k * shard_size:(k + 1) * shard_size]
+        labs = labels_for(s, num_classes, label)
+        parts = []
+        for i in range(0, len(s), batch):
+            parts.append(generate(s[i:i + batch], None if labs is None else labs[i:i + batch]))
+            if bar:
+                bar.update(len(s[i:i + batch]))
+        images = np.concatenate(parts)
+        _write_shard(out, k, images, np.asarray(s, dtype=np.int64),
+                     None if labs is None else np.asarray(labs, dtype=np.int64), formats)
+    if bar:
+        bar.close()
+    return {"shards": n_shards, "mine": len(mine), "made": len(todo), "skipped": len(mine) - len(todo), "out": str(out)}
+
+
+def _seeds_digest(seeds: Sequence[int]) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.asarray(seeds, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def _shard_done(out: Path, k: int, formats) -> bool:
+    return all((out / (shard_name(k) + ".npz")).exists() if f == "npz" else (out / shard_name(k)).is_dir()
+               for f in formats)
+
+
+def _write_shard(out: Path, k: int, images: np.ndarray, seeds: np.ndarray, labels, formats) -> None:
+    from onestep.images import encode_image
+
+    if "npz" in formats and not (out / (shard_name(k) + ".npz")).exists():
+        buf = io.BytesIO()
+        arrays = {"images": images, "seeds": seeds}
+        if labels is not None:
+            arrays["labels"] = labels
+        np.savez(buf, **arrays)  # uncompressed: byte-identical for identical content
+        atomic_write_bytes(out / (shard_name(k) + ".npz"), buf.getvalue())
+    if "png" in formats and not (out / shard_name(k)).is_dir():
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{shard_name(k)}-", dir=out))
+        try:
+            for img, s in zip(images, seeds):
+                (tmp / f"{int(s):010d}.png").write_bytes(encode_image(img.transpose(1, 2, 0), "png"))
+            os.replace(tmp, out / shard_name(k))
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clean_partial(out_dir: str | Path) -> int:
+    """Remove temporary files left by a killed run (they are never mistaken for shards anyway)."""
+    n = 0
+    for p in Path(out_dir).glob(".*tmp*"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        n += 1
+    return n
