@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 EVAL_SEED0 = 1_000_000  # evaluation seeds never overlap the sample-grid seeds
 
@@ -29,8 +28,9 @@ def parse_points(spec: str) -> list[tuple[str, int]]:
     return out
 
 
-@torch.no_grad()
 def generate(model, meta: dict, sampler: str, steps: int, n: int, batch: int = 250, schedule: str = "karras"):
+    import torch
+
     from onestep.cli import _image_shape
     from onestep.data import to_uint8
     from onestep.noise import seeded_noise
@@ -45,7 +45,8 @@ def generate(model, meta: dict, sampler: str, steps: int, n: int, batch: int = 2
         z = torch.from_numpy(seeded_noise(seeds, shape))
         labels = torch.arange(i, i + len(seeds)) % n_cls if n_cls else None
         if sampler == "onestep":
-            x = model(z, labels)
+            with torch.no_grad():
+                x = model(z, labels)
         else:
             x = sample(model, z, labels, sampler, steps, schedule)
         imgs.append(to_uint8(x.numpy()))
@@ -123,6 +124,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from onestep.provenance import atomic_write_bytes, atomic_write_json, git_revision, machine_info
+
+    import torch
 
     torch.manual_seed(0)
     points = parse_points(args.points)

@@ -49,6 +49,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from training.run import train
+
+    if args.preset is None:
+        args.preset = f"fmnist-{args.method}"
+    rc = _run_config(args)
+    if rc.method != args.method:
+        raise ValueError(f"preset {args.preset!r} is for method {rc.method!r}, not {args.method!r}")
+    res = train(rc, args.run_dir, resume=not args.no_resume, device=args.device, metric_fn=_metric_fn(args.metric))
+    print(json.dumps(res, indent=2))
+    return 0
+
+
 def cmd_presets(args) -> int:
     from training.presets import PRESETS
 
@@ -119,6 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
                        "teacher with the EDM loss. Resumes from the run folder's latest checkpoint.")
     _add_run_args(p)
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("distill", help="distil a teacher into a one-step student",
+                       description="Distil a teacher checkpoint into a one-step generator with one of the methods "
+                                   "(denoising-student, sid, sida). Resumes from the run folder.")
+    p.add_argument("--method", required=True, help="denoising-student | sid | sida")
+    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the preset's, the shipped teacher)")
+    p.add_argument("--preset", default=None, help="named recipe (default: fmnist-METHOD)")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--metric", choices=["none", "classifier"], default="classifier",
+                   help="periodic sample-quality metric (fast Fashion-MNIST classifier KID)")
+    p.set_defaults(fn=cmd_distill)
 
     p = sub.add_parser("presets", help="list named presets")
     p.set_defaults(fn=cmd_presets)

@@ -8,7 +8,9 @@ from typing import Any
 
 from onestep.config import OptimConfig, TrainConfig, from_dict, to_dict
 from onestep.nets import UNetConfig
+from training.methods.denoising_student import DenoisingStudentConfig
 from training.methods.edm import EDMTeacherConfig
+from training.methods.sid import SiDConfig
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ FMNIST_UNET = UNetConfig(resolution=32, channels=1, block_out_channels=(32, 64, 
 TINY_UNET = UNetConfig(resolution=32, channels=1, block_out_channels=(8, 16), layers_per_block=1,
                        attention=False, num_classes=10, norm_num_groups=4)
 
+SHIPPED_TEACHER = "artifacts/fmnist-teacher.safetensors"
+
 PRESETS: dict[str, RunConfig] = {
     # The shipped teacher (artifacts/fmnist-teacher.safetensors): 1.05M params, batch 64, CPU-trainable.
     # Quality vs NFE: benchmarks/results/teacher_quality.md (onestep evaluate ...).
@@ -52,6 +56,42 @@ PRESETS: dict[str, RunConfig] = {
         method_cfg=EDMTeacherConfig(unet=TINY_UNET, grid_steps=4, optim=OptimConfig(lr=2e-3, warmup_steps=5)),
         train=TrainConfig(steps=20, batch_size=8, ema_decay=0.9, log_every=5, ckpt_every=10, sample_every=20,
                           seed=0)),
+    # --- distillation from the shipped teacher (results: benchmarks/results/students.md) ---------------------
+    "fmnist-denoising-student": RunConfig(
+        method="denoising-student", teacher=SHIPPED_TEACHER,
+        method_cfg=DenoisingStudentConfig(cache_dir="runs/pairs-fmnist-heun18", n_pairs=6000, holdout=500,
+                                          teacher_sampler="heun", teacher_steps=18, loss="l1"),
+        train=TrainConfig(steps=1500, batch_size=64, ema_decay=0.995, clip_grad_norm=1.0, log_every=25,
+                          ckpt_every=100, sample_every=250, seed=0, num_threads=1)),
+    "fmnist-sid": RunConfig(
+        method="sid", teacher=SHIPPED_TEACHER,
+        method_cfg=SiDConfig(alpha=1.2, fake_warmup=50,
+                             optim_generator=OptimConfig(lr=5e-5, betas=(0.0, 0.999)),
+                             optim_fake=OptimConfig(lr=5e-5, betas=(0.0, 0.999))),
+        train=TrainConfig(steps=800, batch_size=32, ema_decay=0.99, clip_grad_norm=1.0, log_every=10,
+                          ckpt_every=100, sample_every=100, seed=0, num_threads=1)),
+    "fmnist-sida": RunConfig(
+        method="sida", teacher=SHIPPED_TEACHER, data="fashion-mnist",
+        method_cfg=SiDConfig(alpha=1.0, fake_warmup=50, adversarial=True, lambda_adv=0.01, adv_mix_after=100,
+                             optim_generator=OptimConfig(lr=5e-5, betas=(0.0, 0.999)),
+                             optim_fake=OptimConfig(lr=5e-5, betas=(0.0, 0.999))),
+        train=TrainConfig(steps=800, batch_size=32, ema_decay=0.99, clip_grad_norm=1.0, log_every=10,
+                          ckpt_every=100, sample_every=100, seed=0, num_threads=1)),
+    # tiny variants for tests (a tiny teacher is passed with --teacher)
+    "tiny-denoising-student": RunConfig(
+        method="denoising-student",
+        method_cfg=DenoisingStudentConfig(cache_dir="runs/tiny-pairs", n_pairs=48, holdout=8, teacher_steps=2,
+                                          cache_batch=16, optim=OptimConfig(lr=1e-3, betas=(0.9, 0.98))),
+        train=TrainConfig(steps=12, batch_size=8, ema_decay=0.9, log_every=2, ckpt_every=6, sample_every=0)),
+    "tiny-sid": RunConfig(
+        method="sid", method_cfg=SiDConfig(fake_warmup=2, optim_generator=OptimConfig(lr=1e-4, betas=(0.0, 0.999)),
+                                           optim_fake=OptimConfig(lr=1e-4, betas=(0.0, 0.999))),
+        train=TrainConfig(steps=8, batch_size=4, ema_decay=0.9, log_every=1, ckpt_every=4, sample_every=0)),
+    "tiny-sida": RunConfig(
+        method="sida", method_cfg=SiDConfig(alpha=1.0, adversarial=True, fake_warmup=2, adv_mix_after=2,
+                                            optim_generator=OptimConfig(lr=1e-4, betas=(0.0, 0.999)),
+                                            optim_fake=OptimConfig(lr=1e-4, betas=(0.0, 0.999))),
+        train=TrainConfig(steps=8, batch_size=4, ema_decay=0.9, log_every=1, ckpt_every=4, sample_every=0)),
 }
 
 

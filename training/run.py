@@ -16,17 +16,20 @@ def build_method(rc: RunConfig):
     if rc.method not in METHODS:
         raise KeyError(f"unknown method {rc.method!r}; available: {', '.join(sorted(METHODS))}")
     cls, _ = METHODS[rc.method]
-    needs = getattr(cls, "needs", ("data",))
+    needs = cls.needs_for(rc.method_cfg) if hasattr(cls, "needs_for") else getattr(cls, "needs", ("data",))
     kwargs = {}
-    if "data" in needs:
-        kwargs["data"] = load_dataset(rc.data, "train", size=getattr(rc.method_cfg, "unet", None).resolution
-                                      if hasattr(rc.method_cfg, "unet") else 32)
     if "teacher" in needs:
         from onestep.checkpoint import load_model
 
         if not rc.teacher:
             raise ValueError(f"method {rc.method!r} needs --teacher CKPT")
-        kwargs["teacher"], _ = load_model(rc.teacher)
+        teacher, meta = load_model(rc.teacher)
+        teacher.source_sha256 = meta.get("sha256")
+        kwargs["teacher"] = teacher
+    if "data" in needs:
+        res = rc.method_cfg.unet.resolution if hasattr(rc.method_cfg, "unet") else \
+            kwargs["teacher"].spec["unet"]["resolution"]
+        kwargs["data"] = load_dataset(rc.data, "train", size=res)
     return cls(rc.method_cfg, **kwargs)
 
 
@@ -38,6 +41,10 @@ def train(rc: RunConfig, run_dir: str | os.PathLike, resume: bool = True, device
     method = build_method(rc)
     trainer = Trainer(method, rc.train, Path(run_dir), device=device, run_config=rc.to_dict(),
                       metric_fn=metric_fn, progress=progress)
+    if hasattr(method, "prepare"):
+        method.prepare(trainer.rank)
     result = trainer.fit(resume=resume)
     result["model"] = str(trainer.run_dir / "model.safetensors")
+    if (trainer.run_dir / "model-best.safetensors").exists():
+        result["best_model"] = str(trainer.run_dir / "model-best.safetensors")
     return result

@@ -95,6 +95,7 @@ class Trainer:
         self.emas = {name: EMA(method.trainable[name], cfg.ema_decay) for name in method.ema_names}
         self.it = 0
         self.nan_skips = 0
+        self.best_val = float("inf")
         self.data_gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
         torch.manual_seed(cfg.seed * 1000 + self.rank)
         self._stop = False
@@ -194,7 +195,8 @@ class Trainer:
 
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors: dict[str, torch.Tensor] = {}
-        meta: dict[str, Any] = {"it": self.it, "optim_groups": {}, "optim_scalars": {}}
+        meta: dict[str, Any] = {"it": self.it, "optim_groups": {}, "optim_scalars": {},
+                                "best_val": self.best_val if math.isfinite(self.best_val) else None}
         for name, net in self.method.trainable.items():
             for k, v in net.state_dict().items():
                 tensors[f"net.{name}.{k}"] = v
@@ -224,6 +226,7 @@ class Trainer:
             return None
         from safetensors.torch import save_file
 
+        self.validate()
         tensors, meta = self.state_tensors()
         final = self.ckpt_dir / f"{STATE_PREFIX}{self.it:08d}"
         tmp = self.ckpt_dir / f".tmp-{STATE_PREFIX}{self.it:08d}-{os.getpid()}"
@@ -240,6 +243,16 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         self.export()
         return final
+
+    def validate(self) -> None:
+        """Methods with a held-out loss: log it and keep the best EMA export as model-best.safetensors."""
+        if not hasattr(self.method, "validation_loss"):
+            return
+        v = float(self.method.validation_loss(self.export_net()))
+        self._log({"it": self.it, "val/loss": v})
+        if math.isfinite(v) and v < self.best_val:
+            self.best_val = v
+            self.export(self.run_dir / "model-best.safetensors")
 
     def latest_state(self) -> Path | None:
         cands = sorted(p for p in self.ckpt_dir.glob(f"{STATE_PREFIX}*") if (p / "state.json").exists())
@@ -280,6 +293,7 @@ class Trainer:
         if hasattr(self.method, "load_extra_state"):
             self.method.load_extra_state(meta.get("method_state", {}))
         self.it = int(meta["it"])
+        self.best_val = meta.get("best_val") or float("inf")
 
     def export_net(self) -> torch.nn.Module:
         name = self.method.export_name

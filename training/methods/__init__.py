@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from training.methods.denoising_student import DenoisingStudent, DenoisingStudentConfig
 from training.methods.edm import EDMTeacher, EDMTeacherConfig
+from training.methods.sid import SiD, SiDConfig
 
 METHODS: dict[str, tuple[type, type]] = {
     "edm-teacher": (EDMTeacher, EDMTeacherConfig),
+    "denoising-student": (DenoisingStudent, DenoisingStudentConfig),
+    "sid": (SiD, SiDConfig),
+    "sida": (SiD, SiDConfig),
 }
