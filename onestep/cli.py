@@ -147,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="periodic sample-quality metric (fast Fashion-MNIST classifier KID)")
     p.set_defaults(fn=cmd_distill)
 
+    p = sub.add_parser("demo", help="end to end: shipped teacher + student -> ONNX -> Triton -> HTTP request",
+                       description=__import__("onestep.demo", fromlist=["x"]).__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--teacher-steps", type=int, default=18, help="Heun steps of the served teacher baseline")
+    p.set_defaults(fn=lambda a: (__import__("onestep.demo", fromlist=["x"]).run_demo(a.out, a.teacher_steps), 0)[1])
+
     p = sub.add_parser("presets", help="list named presets")
     p.set_defaults(fn=cmd_presets)
 
