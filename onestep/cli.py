@@ -180,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_arguments(p)
     p.set_defaults(fn=quality.run)
 
+    from benchmarks import latency
+
+    p = sub.add_parser("bench", help="latency/throughput: student vs teacher across backends",
+                       description=latency.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    latency.add_arguments(p)
+    p.set_defaults(fn=latency.main_args)
+
     from exporters.cli import register as register_export
     from serving.cli import register as register_serving
 
