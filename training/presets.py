@@ -10,6 +10,7 @@ from onestep.config import OptimConfig, TrainConfig, from_dict, to_dict
 from onestep.nets import UNetConfig
 from training.methods.denoising_student import DenoisingStudentConfig
 from training.methods.edm import EDMTeacherConfig
+from training.methods.emd import EMDConfig
 from training.methods.sid import SiDConfig
 
 
@@ -77,6 +78,13 @@ PRESETS: dict[str, RunConfig] = {
                              optim_fake=OptimConfig(lr=5e-5, betas=(0.0, 0.999))),
         train=TrainConfig(steps=800, batch_size=32, ema_decay=0.99, clip_grad_norm=1.0, log_every=10,
                           ckpt_every=100, sample_every=100, seed=0, num_threads=1)),
+    "fmnist-emd": RunConfig(
+        method="emd", teacher=SHIPPED_TEACHER,
+        method_cfg=EMDConfig(K=4, step_eps=0.2, step_z=0.005, noise_cancellation=True, fake_warmup=50,
+                             optim_generator=OptimConfig(lr=5e-5, betas=(0.0, 0.999)),
+                             optim_fake=OptimConfig(lr=5e-5, betas=(0.0, 0.999))),
+        train=TrainConfig(steps=800, batch_size=32, ema_decay=0.99, clip_grad_norm=1.0, log_every=10,
+                          ckpt_every=100, sample_every=100, seed=0, num_threads=1)),
     # tiny variants for tests (a tiny teacher is passed with --teacher)
     "tiny-denoising-student": RunConfig(
         method="denoising-student",
@@ -91,6 +99,11 @@ PRESETS: dict[str, RunConfig] = {
         method="sida", method_cfg=SiDConfig(alpha=1.0, adversarial=True, fake_warmup=2, adv_mix_after=2,
                                             optim_generator=OptimConfig(lr=1e-4, betas=(0.0, 0.999)),
                                             optim_fake=OptimConfig(lr=1e-4, betas=(0.0, 0.999))),
+        train=TrainConfig(steps=8, batch_size=4, ema_decay=0.9, log_every=1, ckpt_every=4, sample_every=0)),
+    "tiny-emd": RunConfig(
+        method="emd", method_cfg=EMDConfig(K=2, fake_warmup=2,
+                                           optim_generator=OptimConfig(lr=1e-4, betas=(0.0, 0.999)),
+                                           optim_fake=OptimConfig(lr=1e-4, betas=(0.0, 0.999))),
         train=TrainConfig(steps=8, batch_size=4, ema_decay=0.9, log_every=1, ckpt_every=4, sample_every=0)),
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from training.methods.denoising_student import DenoisingStudent, DenoisingStudentConfig
 from training.methods.edm import EDMTeacher, EDMTeacherConfig
+from training.methods.emd import EMD, EMDConfig
 from training.methods.sid import SiD, SiDConfig
 
 METHODS: dict[str, tuple[type, type]] = {
@@ -11,4 +12,5 @@ METHODS: dict[str, tuple[type, type]] = {
     "denoising-student": (DenoisingStudent, DenoisingStudentConfig),
     "sid": (SiD, SiDConfig),
     "sida": (SiD, SiDConfig),
+    "emd": (EMD, EMDConfig),
 }

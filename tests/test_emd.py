@@ -1,0 +1,81 @@
+import json
+
+import numpy as np
+import torch
+
+from onestep.config import override
+from training.presets import get_preset
+from training.run import build_method, train
+
+
+def _method(tiny_artifacts, *sets):
+    rc = override(get_preset("tiny-emd"), [f"teacher={json.dumps(str(tiny_artifacts['teacher_ckpt']))}", *sets])
+    return rc, build_method(rc)
+
+
+def _perturb(net, seed=1, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def test_k0_is_exactly_the_diff_instruct_vsd_gradient(tiny_artifacts):
+    _, m = _method(tiny_artifacts)
+    _perturb(m.trainable["fake"])  # make the fake score differ from the teacher (else both gradients vanish)
+    G = m.trainable["generator"]
+    labels = torch.tensor([1, 7])
+    torch.manual_seed(0)
+    z, eps = torch.randn(2, 1, 32, 32), torch.randn(2, 1, 32, 32)
+    sigma = torch.tensor([0.7, 3.0])
+
+    z_k, disp, eps_k = m.e_step(z, eps, sigma, labels, K=0)
+    assert torch.equal(z_k, z) and torch.equal(eps_k, eps) and disp.abs().max() == 0
+    G.zero_grad()
+    m.m_step_loss(z_k, disp, eps_k, sigma, labels)["loss"].backward()
+    emd = [p.grad.clone() for p in G.parameters()]
+
+    # Diff-Instruct / VSD: grad = E[ w (D_psi(x_t) - D_T(x_t))^T dg/dtheta ], x_t = g(z) + sigma eps
+    G.zero_grad()
+    x = G(z, labels)
+    with torch.no_grad():
+        x_t = x + sigma.reshape(-1, 1, 1, 1) * eps
+        d_T, d_psi = m.teacher(x_t, sigma, labels), m.trainable["fake"](x_t, sigma, labels)
+        w = 1 / (x - d_T).abs().mean((1, 2, 3), keepdim=True)
+    (w * (d_psi - d_T) * x).sum().div(2).backward()
+    vsd = [p.grad.clone() for p in G.parameters()]
+    assert sum(float(g.abs().sum()) for g in vsd) > 0
+    for a, b in zip(emd, vsd):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)  # float summation order differs
+
+
+def test_noise_cancellation_removes_the_injected_noise(tiny_artifacts):
+    """With the score difference forced to zero the chain is pure noise + prior pull; cancelling the noise
+    must leave exactly the deterministic (prior) part."""
+    _, m = _method(tiny_artifacts)  # fake == teacher at init: Delta = 0
+    torch.manual_seed(0)
+    z, eps = torch.randn(2, 1, 32, 32), torch.randn(2, 1, 32, 32)
+    sigma = torch.tensor([1.0, 2.0])
+    K, ge, gz = 3, m.emd_cfg.step_eps, m.emd_cfg.step_z
+    z_nc, disp_nc, _ = m.e_step(z, eps, sigma, torch.tensor([0, 1]), K=K, noise_cancellation=True)
+    # deterministic recursion of the drift -eps (resp. -z) with noise removed: e_k = (1-g)^k e_0 + noise terms
+    # whose cancellation leaves e_K - N = (1-g)^K e_0 + (noise filtered by (1-g)) - N; for Delta = 0 check the
+    # statistics instead: the cancelled displacement is small compared with the uncancelled one
+    torch.manual_seed(0)
+    z2, eps2 = torch.randn(2, 1, 32, 32), torch.randn(2, 1, 32, 32)
+    _, disp_raw, _ = m.e_step(z2, eps2, sigma, torch.tensor([0, 1]), K=K, noise_cancellation=False)
+    assert disp_nc.std() < 0.5 * disp_raw.std()
+    assert np.isfinite(z_nc.numpy()).all()
+
+
+def test_emd_trains_finite_teacher_frozen(tiny_artifacts, tmp_path):
+    rc, _ = _method(tiny_artifacts, "train.steps=6")
+    res = train(rc, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    gen = [r["generator/loss"] for r in rows if "generator/loss" in r]
+    assert gen and np.all(np.isfinite(gen))
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["method"] == "emd" and meta["method_config"]["K"] == 2
+    from exporters.onnx_export import export_onnx
+
+    assert export_onnx(res["model"], tmp_path / "emd.onnx")["parity"]["max_abs_err"] <= 1e-4
