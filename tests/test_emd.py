@@ -45,8 +45,9 @@ def test_k0_is_exactly_the_diff_instruct_vsd_gradient(tiny_artifacts):
     (w * (d_psi - d_T) * x).sum().div(2).backward()
     vsd = [p.grad.clone() for p in G.parameters()]
     assert sum(float(g.abs().sum()) for g in vsd) > 0
-    for a, b in zip(emd, vsd):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)  # float summation order differs
+    a, b = torch.cat([g.flatten() for g in emd]), torch.cat([g.flatten() for g in vsd])
+    # the same gradient up to float re-association: relative error of the whole vector
+    assert float((a - b).norm() / b.norm()) < 1e-4
 
 
 def test_noise_cancellation_removes_the_injected_noise(tiny_artifacts):
