@@ -158,8 +158,9 @@ def fid_kid(real_feats: np.ndarray, fake_feats: np.ndarray, kid_subset_size: int
     passthrough = FeatureExtractor(d)
     fid = FrechetInceptionDistance(feature=passthrough, reset_real_features=True)
     n = min(len(real_feats), len(fake_feats))
+    # subsets of half the samples (at most 1000) so the std over subsets means something at small N
     kid = KernelInceptionDistance(feature=passthrough, subsets=kid_subsets,
-                                  subset_size=min(kid_subset_size or 1000, n))
+                                  subset_size=min(kid_subset_size or 1000, max(2, n // 2)))
     r, f = torch.from_numpy(real_feats).double(), torch.from_numpy(fake_feats).double()
     for m in (fid, kid):
         m.update(r, real=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything OneStep needs on a fresh Debian 12 machine, from package registries only:
-#   apt: dataset-fashion-mnist (real Fashion-MNIST IDX files)
+#   apt: dataset-fashion-mnist (real Fashion-MNIST IDX files), chromium and chromium-driver (browser test)
 #   pip: the package with its training, serving and test extras into a virtual environment
 # Usage: bash scripts/install.sh [VENV_DIR]   (default .venv)
 set -euo pipefail
@@ -14,6 +14,15 @@ if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || {
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist; }
+fi
+
+# headless Chromium and its driver for the browser test of the web page (tests/test_page_browser.py)
+if [ ! -e /usr/bin/chromium ] || [ ! -e /usr/bin/chromedriver ]; then
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || {
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium chromium-driver; }
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -49,7 +49,7 @@ PRESETS: dict[str, RunConfig] = {
     "fmnist-teacher": RunConfig(
         method="edm-teacher", data="fashion-mnist",
         method_cfg=EDMTeacherConfig(unet=FMNIST_UNET, optim=OptimConfig(lr=6e-4, warmup_steps=200)),
-        train=TrainConfig(steps=2500, batch_size=64, ema_decay=0.998, clip_grad_norm=1.0, log_every=25,
+        train=TrainConfig(steps=2000, batch_size=64, ema_decay=0.998, clip_grad_norm=1.0, log_every=25,
                           ckpt_every=250, sample_every=500, seed=0, num_threads=1)),
     # Seconds on CPU: for tests and smoke runs only; its samples are noise-like.
     "tiny-teacher": RunConfig(
@@ -60,16 +60,16 @@ PRESETS: dict[str, RunConfig] = {
     # --- distillation from the shipped teacher (results: benchmarks/results/students.md) ---------------------
     "fmnist-denoising-student": RunConfig(
         method="denoising-student", teacher=SHIPPED_TEACHER,
-        method_cfg=DenoisingStudentConfig(cache_dir="runs/pairs-fmnist-heun18", n_pairs=6000, holdout=500,
-                                          teacher_sampler="heun", teacher_steps=18, loss="l1"),
-        train=TrainConfig(steps=1500, batch_size=64, ema_decay=0.995, clip_grad_norm=1.0, log_every=25,
+        method_cfg=DenoisingStudentConfig(cache_dir="runs/pairs-fmnist-heun9", n_pairs=3000, holdout=250,
+                                          teacher_sampler="heun", teacher_steps=9, loss="l1"),
+        train=TrainConfig(steps=600, batch_size=64, ema_decay=0.995, clip_grad_norm=1.0, log_every=25,
                           ckpt_every=100, sample_every=250, seed=0, num_threads=1)),
     "fmnist-sid": RunConfig(
         method="sid", teacher=SHIPPED_TEACHER,
         method_cfg=SiDConfig(alpha=1.2, fake_warmup=50,
                              optim_generator=OptimConfig(lr=5e-5, betas=(0.0, 0.999)),
                              optim_fake=OptimConfig(lr=5e-5, betas=(0.0, 0.999))),
-        train=TrainConfig(steps=800, batch_size=32, ema_decay=0.99, clip_grad_norm=1.0, log_every=10,
+        train=TrainConfig(steps=500, batch_size=32, ema_decay=0.99, clip_grad_norm=1.0, log_every=10,
                           ckpt_every=100, sample_every=100, seed=0, num_threads=1)),
     "fmnist-sida": RunConfig(
         method="sida", teacher=SHIPPED_TEACHER, data="fashion-mnist",
