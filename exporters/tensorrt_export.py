@@ -121,15 +121,18 @@ def build_engine(onnx_path: str | Path, cache_dir: str | Path, precision: str = 
 
 
 def load_engine(engine_path: str | Path):
-    """Deserialize an engine after checking it was built for this TensorRT and this GPU."""
-    trt = _import_trt()
+    """Deserialize an engine after checking its integrity and that it was built for this TensorRT and GPU."""
     engine_path = Path(engine_path)
     side = artifact_sidecar(engine_path)
     if not engine_path.exists() or not side.exists():
         raise ExportError(f"{engine_path} or its sidecar is missing")
-    meta = json.loads(side.read_text())
+    try:
+        meta = json.loads(side.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{side} is not valid JSON: {e}") from e
     if sha256_file(engine_path) != meta.get("sha256"):
         raise ExportError(f"{engine_path} does not match its sidecar's sha256: corrupt or replaced")
+    trt = _import_trt()
     cc = gpu_compute_capability()
     if meta.get("tensorrt_version") != trt.__version__ or meta.get("compute_capability") != cc:
         raise ExportError(f"stale engine: built for TensorRT {meta.get('tensorrt_version')} on compute capability "

@@ -129,3 +129,18 @@ def test_tensorrt_engine_build_cache_and_parity(tiny_artifacts, tmp_path):
     again = build_engine(tiny_artifacts["student_onnx"], tmp_path, "fp16", (1, 4, 16))
     assert again["cache_hit"] and again["path"] == side["path"]
     load_engine(side["path"])
+
+
+def test_truncated_engine_rejected_before_tensorrt_is_touched(tmp_path):
+    from exporters.tensorrt_export import load_engine
+    from onestep.provenance import sha256_file
+
+    eng = tmp_path / "m.plan"
+    eng.write_bytes(b"\x00" * 4096)
+    artifact_sidecar(eng).write_text(json.dumps({"sha256": sha256_file(eng)}))
+    eng.write_bytes(b"\x00" * 100)  # truncated after the sidecar was written
+    with pytest.raises(ExportError, match="corrupt"):
+        load_engine(eng)
+    artifact_sidecar(eng).write_text("{not json")
+    with pytest.raises(ExportError, match="not valid JSON"):
+        load_engine(eng)

@@ -85,3 +85,31 @@ def test_data_parallel_two_processes_gloo(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     meta = json.loads((tmp_path / "model.json").read_text())
     assert meta["iteration"] == 4
+
+
+@needs_fmnist
+def test_training_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
+    """kill -9 at a random point, rerun the same command: the run continues from its last checkpoint and ends
+    with exactly the weights of an uninterrupted run."""
+    import signal
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+    def cmd(run_dir):
+        return [sys.executable, "-m", "onestep.cli", "train", "--preset", "tiny-teacher", "--run-dir", str(run_dir),
+                "--set", "train.steps=40", "--set", "train.ckpt_every=5", "--set", "train.sample_every=0"]
+
+    subprocess.run(cmd(tmp_path / "straight"), env=env, check=True, timeout=300, capture_output=True)
+    p = subprocess.Popen(cmd(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((tmp_path / "killed" / "checkpoints").glob("state-*")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(float(np.random.default_rng().uniform(0.0, 1.0)))
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    out = subprocess.run(cmd(tmp_path / "killed"), env=env, check=True, timeout=300, capture_output=True, text=True)
+    assert "resumed from" in out.stdout
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
