@@ -9,6 +9,8 @@ import sys
 
 
 def cmd_serve(args) -> int:
+    import signal
+
     import uvicorn
 
     from serving.api import APISettings, create_app
@@ -26,6 +28,9 @@ def cmd_serve(args) -> int:
                                api_key=args.api_key or os.environ.get("ONESTEP_API_KEY"))
         app = create_app(settings)
         print(f"API on http://{args.host}:{args.port}/ (OpenAPI at /docs)", flush=True)
+        # uvicorn re-raises SIGTERM/SIGINT after its own shutdown: turn that into SystemExit so the finally
+        # below stops Triton (it runs in its own session and would outlive us otherwise)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         server.stop()
