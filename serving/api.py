@@ -35,6 +35,7 @@ class APISettings:
     triton_url: str = "127.0.0.1:8001"  # gRPC
     repository: str | None = None  # model repository (for repository.json: roles, classes, shapes)
     models: dict = field(default_factory=dict)  # name -> manifest entry; read from repository.json if empty
+    served: list[str] | None = None  # the models Triton was told to load (None = every python-backend model)
     max_images: int = 64
     max_body_bytes: int = 64 * 1024
     request_timeout_s: float = 30.0
@@ -111,7 +112,8 @@ def create_app(settings: APISettings) -> FastAPI:
 
     if not settings.models and settings.repository:
         manifest = json.loads((Path(settings.repository) / "repository.json").read_text())
-        settings.models = {k: v for k, v in manifest["models"].items() if v["backend"] == "python"}
+        settings.models = {k: v for k, v in manifest["models"].items() if v["backend"] == "python"
+                           and (settings.served is None or k in settings.served)}
     app = FastAPI(title="OneStep image API", version="1", description=__doc__)
     metrics = Metrics()
     state = {"client": None, "sem": asyncio.Semaphore(settings.max_inflight), "inflight": 0}

@@ -23,7 +23,8 @@ def cmd_serve(args) -> int:
                           log_path=args.triton_log).start()
     print(f"Triton ready: http {server.http_url}, grpc {server.grpc_url} (log {server.log_path})", flush=True)
     try:
-        settings = APISettings(triton_url=server.grpc_url, repository=args.repo, max_images=args.max_images,
+        settings = APISettings(triton_url=server.grpc_url, repository=args.repo, served=server.models,
+                               max_images=args.max_images,
                                request_timeout_s=args.timeout, max_inflight=args.max_inflight,
                                api_key=args.api_key or os.environ.get("ONESTEP_API_KEY"))
         app = create_app(settings)
