@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -192,7 +191,7 @@ def run(args) -> dict:
                         if backend == "api":
                             if b > 64:
                                 continue
-                            c = APIClient(api_srv[1])
+                            c = APIClient(api_srv.url)
                             fn = lambda: c.generate(name, seeds, lab)  # noqa: E731
                         else:
                             fn = lambda: clients[backend].generate(name, seeds, lab)  # noqa: E731
@@ -207,26 +206,17 @@ def run(args) -> dict:
                 res["concurrency"] = _concurrency_sweep(ts.grpc_url, [int(c) for c in args.concurrency.split(",")],
                                                         n_cls, args.min_seconds)
             if api_srv:
-                api_srv[0].should_exit = True
+                api_srv.stop()
     res["summary"] = summarise(res)
     return res
 
 
 def _start_api(ts, repo):
-    import threading
+    from serving.api import APISettings
+    from serving.background import APIThread
 
-    import uvicorn
-
-    from serving.api import APISettings, create_app
-    from serving.triton_server import free_port
-
-    port = free_port()
-    app = create_app(APISettings(triton_url=ts.grpc_url, repository=str(repo), max_images=256, max_inflight=256))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, f"http://127.0.0.1:{port}"
+    return APIThread(APISettings(triton_url=ts.grpc_url, repository=str(repo), max_images=256,
+                                 max_inflight=256)).start()
 
 
 def _concurrency_sweep(url: str, levels: list[int], n_cls: int, seconds: float) -> list[dict]:

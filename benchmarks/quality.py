@@ -31,12 +31,12 @@ def parse_points(spec: str) -> list[tuple[str, int]]:
 def generate(model, meta: dict, sampler: str, steps: int, n: int, batch: int = 250, schedule: str = "karras"):
     import torch
 
-    from onestep.cli import _image_shape
+    from onestep.checkpoint import image_shape
     from onestep.data import to_uint8
     from onestep.noise import seeded_noise
     from onestep.samplers import sample
 
-    shape = _image_shape(meta["model"])
+    shape = image_shape(meta["model"])
     n_cls = getattr(model, "num_classes", 0)
     imgs, labs = [], []
     t0 = time.time()

@@ -128,22 +128,16 @@ def bad_inputs(url: str) -> list[dict]:
 
 
 def run(repo: Path, model: str, seconds: float, limit: int, out: Path | None = None) -> dict:
-    import uvicorn
-
     from onestep.provenance import git_revision, machine_info
-    from serving.api import APISettings, create_app
-    from serving.triton_server import TritonServer, free_port
+    from serving.api import APISettings
+    from serving.background import APIThread
+    from serving.triton_server import TritonServer
 
     res: dict = {"machine": machine_info(), "git_revision": git_revision(), "model": model, "limit": limit}
     ts = TritonServer(repo, models=[model], ready_timeout=120).start()
-    port = free_port()
-    app = create_app(APISettings(triton_url=ts.grpc_url, repository=str(repo), served=[model], max_inflight=limit,
-                                 request_timeout_s=10))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
+    api = APIThread(APISettings(triton_url=ts.grpc_url, repository=str(repo), served=[model], max_inflight=limit,
+                                request_timeout_s=10)).start()
+    url = api.url
     try:
         load_phase(url, model, 2, 1.0)  # warm-up
         res["below_limit"] = load_phase(url, model, max(1, limit // 2), seconds)
@@ -161,7 +155,7 @@ def run(repo: Path, model: str, seconds: float, limit: int, out: Path | None = N
         res["after_recovery"] = load_phase(url, model, max(1, limit // 2), min(seconds, 3.0))
         res["bad_inputs"] = bad_inputs(url)
     finally:
-        server.should_exit = True
+        api.stop()
         ts.stop()
     res["verdict"] = verdict(res)
     if out:

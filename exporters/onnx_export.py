@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from onestep.checkpoint import load_model, read_metadata
+from onestep.checkpoint import image_shape, load_model, read_metadata
 from onestep.noise import seeded_noise
 from onestep.provenance import atomic_write_json, sha256_file, stamp
 
@@ -58,15 +58,6 @@ class DenoiserGraph(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.d(x.to(self.dtype), sigma, labels).float()
-
-
-def image_shape(spec: dict) -> tuple[int, int, int]:
-    while "denoiser" in spec:
-        spec = spec["denoiser"]
-    if "unet" in spec:
-        u = spec["unet"]
-        return (u["channels"], u["resolution"], u["resolution"])
-    return tuple(spec["image_shape"])
 
 
 def _example_inputs(graph: str, shape, n: int, num_classes: int, seed0: int = 0):

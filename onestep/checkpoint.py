@@ -69,6 +69,16 @@ def build_model(spec: dict) -> nn.Module:
     return _BUILDERS[kind](spec)
 
 
+def image_shape(spec: dict) -> tuple[int, int, int]:
+    """(C, H, W) of the images a model spec works on (generators nest their denoiser's spec)."""
+    while "denoiser" in spec:
+        spec = spec["denoiser"]
+    if "unet" in spec:
+        u = spec["unet"]
+        return (u["channels"], u["resolution"], u["resolution"])
+    return tuple(spec["image_shape"])
+
+
 def denoiser_spec(denoiser: nn.Module) -> dict:
     """The spec of an EDMDenoiser built by this package (what `build_model` needs to rebuild it)."""
     spec = getattr(denoiser, "spec", None)

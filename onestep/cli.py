@@ -82,7 +82,9 @@ def cmd_sample(args) -> int:
 
     model, meta = load_model(args.model)
     seeds = parse_seeds(args.seeds)
-    shape = _image_shape(meta["model"])
+    from onestep.checkpoint import image_shape
+
+    shape = image_shape(meta["model"])
     z = torch.from_numpy(seeded_noise(seeds, shape))
     n_cls = getattr(model, "num_classes", 0)
     labels = None
@@ -108,15 +110,6 @@ def cmd_train_classifier(args) -> int:
 
     print(json.dumps(train_classifier(args.out, epochs=args.epochs), indent=2))
     return 0
-
-
-def _image_shape(spec: dict) -> tuple[int, int, int]:
-    while "denoiser" in spec:
-        spec = spec["denoiser"]
-    if "unet" in spec:
-        u = spec["unet"]
-        return (u["channels"], u["resolution"], u["resolution"])
-    return tuple(spec["image_shape"])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ def run_demo(out: str | Path = "runs/demo", teacher_steps: int = 18, port: int |
     from exporters.onnx_export import export_onnx
     from exporters.triton_repo import build_repository
     from onestep.checkpoint import load_model
-    from onestep.data import FASHION_MNIST_CLASSES, to_uint8
+    from onestep.data import to_uint8
     from onestep.images import save_grid
     from onestep.noise import seeded_noise
     from onestep.samplers import nfe, sample
@@ -88,30 +88,23 @@ def run_demo(out: str | Path = "runs/demo", teacher_steps: int = 18, port: int |
 
 def _serve_and_ask(repo: Path, reference: np.ndarray, teacher_steps: int, port: int | None, out: Path) -> dict:
     import io
-    import threading
 
-    import uvicorn
     from PIL import Image
 
     from onestep.data import FASHION_MNIST_CLASSES
-    from serving.api import APISettings, create_app
+    from serving.api import APISettings
+    from serving.background import APIThread
     from serving.client import APIClient, TritonImageClient
-    from serving.triton_server import TritonServer, free_port
+    from serving.triton_server import TritonServer
 
     res: dict = {}
     t0 = time.perf_counter()
     with TritonServer(repo, ready_timeout=120) as ts:
         res["triton_ready_s"] = time.perf_counter() - t0
         _say(f"Triton {ts.http_url} (HTTP) / {ts.grpc_url} (gRPC) ready in {res['triton_ready_s']:.1f} s")
-        port = port or free_port()
-        app = create_app(APISettings(triton_url=ts.grpc_url, repository=str(repo)))
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-        th = threading.Thread(target=server.run, daemon=True)
-        th.start()
-        while not server.started:
-            time.sleep(0.05)
+        api_thread = APIThread(APISettings(triton_url=ts.grpc_url, repository=str(repo)), port=port).start()
         try:
-            api = APIClient(f"http://127.0.0.1:{port}")
+            api = APIClient(api_thread.url)
             png = api.generate_png("fmnist_student", seed=7, label=7)
             img = np.asarray(Image.open(io.BytesIO(png)))
             (out / "api-seed7-label7.png").write_bytes(png)
@@ -139,7 +132,6 @@ def _serve_and_ask(repo: Path, reference: np.ndarray, teacher_steps: int, port: 
             res["paths_identical"] = same
             grpc.close()
         finally:
-            server.should_exit = True
-            th.join(10)
+            api_thread.stop()
     _say("Triton and the API are stopped")
     return res

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from onestep.cli import build_parser, main
+from onestep.cli import main
 
 VERBS = ["train", "presets", "sample", "train-classifier", "evaluate"]
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from onestep.denoiser import DiffusersEpsDenoiser, EDMDenoiser, OneStepGenerator
+from onestep.denoiser import DiffusersEpsDenoiser, OneStepGenerator
 from onestep.noise import seeded_noise
 from onestep.samplers import (ddim_sigmas, karras_sigmas, make_sigmas, nfe, sample, sample_euler, sample_heun,
                               sample_onestep, steps_for_nfe, vp_train_sigmas)

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import needs_fmnist
 from onestep.config import override
 from training.presets import get_preset
 from training.run import build_method, train

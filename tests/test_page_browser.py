@@ -6,8 +6,6 @@ Uses Debian's chromium and chromium-driver (scripts/install.sh installs them); n
 import base64
 import io
 import re
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,38 +29,8 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
-from serving.triton_server import TritonServer, free_port  # noqa: E402
-
-
-class APIServer:
-    """The real FastAPI app under uvicorn in a background thread, on a free loopback port."""
-
-    def __init__(self, settings):
-        import uvicorn
-
-        from serving.api import create_app
-
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port,
-                                                    log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if time.time() > deadline:
-                raise RuntimeError("API did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.port}"
+from serving.background import APIThread as APIServer
+from serving.triton_server import TritonServer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 import base64
 import io
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,44 +13,14 @@ pytestmark = pytest.mark.triton
 
 from serving.client import APIClient, APIError, TritonImageClient  # noqa: E402
 from serving.engine import ImageEngine  # noqa: E402
-from serving.triton_server import TritonServer, free_port  # noqa: E402
+from serving.background import APIThread as APIServer
+from serving.triton_server import TritonServer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def triton(tiny_artifacts):
     with TritonServer(tiny_artifacts["repo"], ready_timeout=90) as ts:
         yield ts
-
-
-class APIServer:
-    """The real FastAPI app under uvicorn in a background thread, on a free loopback port."""
-
-    def __init__(self, settings):
-        import uvicorn
-
-        from serving.api import create_app
-
-        self.port = free_port()
-        self.app = create_app(settings)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if time.time() > deadline:
-                raise RuntimeError("API did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.port}"
 
 
 def _settings(triton, tiny_artifacts, **kw):
