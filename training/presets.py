@@ -69,7 +69,7 @@ PRESETS: dict[str, RunConfig] = {
         method_cfg=SiDConfig(alpha=1.2, fake_warmup=50,
                              optim_generator=OptimConfig(lr=5e-5, betas=(0.0, 0.999)),
                              optim_fake=OptimConfig(lr=5e-5, betas=(0.0, 0.999))),
-        train=TrainConfig(steps=500, batch_size=32, ema_decay=0.99, clip_grad_norm=1.0, log_every=10,
+        train=TrainConfig(steps=400, batch_size=32, ema_decay=0.99, clip_grad_norm=1.0, log_every=10,
                           ckpt_every=100, sample_every=100, seed=0, num_threads=1)),
     "fmnist-sida": RunConfig(
         method="sida", teacher=SHIPPED_TEACHER, data="fashion-mnist",
