@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo test test-slow install clean bench bench-quick reliability
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV)
@@ -18,6 +18,19 @@ test: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/onestep bench --out benchmarks/results/latency_cpu
+
+bench-quick: $(VENV)/.installed
+	$(VENV)/bin/onestep bench --quick --out runs/latency_quick
+
+reliability: $(VENV)/.installed runs/demo/model_repository
+	$(PY) -m benchmarks.reliability --repo runs/demo/model_repository --model fmnist_student --seconds 20 \
+		--limit 8 --out benchmarks/results/reliability
+
+runs/demo/model_repository:
+	$(VENV)/bin/onestep demo --out runs/demo
 
 clean:
 	rm -rf runs/demo .cache/test

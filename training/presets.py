@@ -62,7 +62,7 @@ PRESETS: dict[str, RunConfig] = {
         method="denoising-student", teacher=SHIPPED_TEACHER,
         method_cfg=DenoisingStudentConfig(cache_dir="runs/pairs-fmnist-heun9", n_pairs=3000, holdout=250,
                                           teacher_sampler="heun", teacher_steps=9, loss="l1"),
-        train=TrainConfig(steps=600, batch_size=64, ema_decay=0.995, clip_grad_norm=1.0, log_every=25,
+        train=TrainConfig(steps=400, batch_size=64, ema_decay=0.995, clip_grad_norm=1.0, log_every=25,
                           ckpt_every=100, sample_every=250, seed=0, num_threads=1)),
     "fmnist-sid": RunConfig(
         method="sid", teacher=SHIPPED_TEACHER,
