@@ -61,9 +61,10 @@ def main(argv=None) -> int:
     b = t["baselines"]
     lines = ["# One-step students vs their teacher (Fashion-MNIST 32x32, class-conditional)", "",
              f"Inception FID/KID at N={t['n_inception']} generated vs N real test images; real-vs-real baseline at "
-             f"the same N: FID {b['inception']['fid']:.2f}, KID {b['inception']['kid']*1e3:.2f}e-3. Classifier "
-             f"KID at N={t['n']} (real-vs-real {b['classifier']['kid']*1e3:.1f}e-3).", "",
-             "| model | NFE | Inception FID | Inception KID x1e3 | classifier KID x1e3 | class agreement | budget |",
+             f"the same N: FID {b['inception']['fid']:.2f}, KID {b['inception']['kid']*1e3:.2f}e-3. Classifier-space "
+             f"KID at N={t['n']} (real-vs-real {b['classifier']['kid']:.2f}; its own scale, not comparable to "
+             f"Inception KID).", "",
+             "| model | NFE | Inception FID | Inception KID x1e3 | classifier KID | class agreement | budget |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         bud = r.get("budget") or {}
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
         kid = (f"{r['inception_kid']*1e3:.2f} ± {r['inception_kid_std']*1e3:.2f}"
                if r.get("inception_kid") is not None else "-")
         agree = f"{r['class_agreement']:.3f}" if r.get("class_agreement") is not None else "-"
-        lines.append(f"| {r['name']} | {r['nfe']} | {fid} | {kid} | {r['classifier_kid']*1e3:.1f} | {agree} | {btxt} |")
+        lines.append(f"| {r['name']} | {r['nfe']} | {fid} | {kid} | {r['classifier_kid']:.2f} | {agree} | {btxt} |")
     lines.append("")
     atomic_write_json(f"{args.out}.json", res)
     atomic_write_bytes(f"{args.out}.md", "\n".join(lines).encode())

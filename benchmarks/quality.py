@@ -93,23 +93,31 @@ def to_markdown(res: dict, title: str) -> str:
     lines = [f"# {title}", "", f"Model: `{res['model']}` (sha256 {str(res.get('model_sha256'))[:12]})", "",
              f"Classifier-space metrics at N={res['n']}; Inception FID/KID at N={res['n_inception']} where shown.",
              f"Real-vs-real baseline (Fashion-MNIST test vs train, same N): classifier KID "
-             f"{b['classifier']['kid']*1e3:.2f}e-3, classifier FD {b['classifier']['fid']:.3f}"
+             f"{b['classifier']['kid']:.2f}, classifier FD {b['classifier']['fid']:.3f}"
              + (f"; Inception FID {b['inception']['fid']:.2f}, KID {b['inception']['kid']*1e3:.2f}e-3"
                 if "inception" in b else "") + ".", "",
-             "| sampler | steps | NFE | classifier KID x1e3 | classifier FD | class agreement | Inception FID | "
+             "| sampler | steps | NFE | classifier KID | classifier FD | class agreement | Inception FID | "
              "Inception KID x1e3 | sampling s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         inc_fid = f"{r['inception_fid']:.2f}" if "inception_fid" in r else "-"
         inc_kid = f"{r['inception_kid']*1e3:.2f} ± {r['inception_kid_std']*1e3:.2f}" if "inception_kid" in r else "-"
         agree = f"{r['class_agreement']:.3f}" if "class_agreement" in r else "-"
-        lines.append(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['classifier_kid']*1e3:.2f} ± "
-                     f"{r['classifier_kid_std']*1e3:.2f} | {r['classifier_fd']:.3f} | {agree} | {inc_fid} | {inc_kid} | "
+        lines.append(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['classifier_kid']:.2f} ± "
+                     f"{r['classifier_kid_std']:.2f} | {r['classifier_fd']:.3f} | {agree} | {inc_fid} | {inc_kid} | "
                      f"{r['sample_seconds']:.1f} |")
     meta = res.get("run", {})
     lines += ["", f"Command: `{meta.get('command', '')}`", f"Machine: {meta.get('machine', '')}",
               f"Revision: {meta.get('git_revision', '')}", ""]
     return "\n".join(lines)
+
+
+def render(json_path: str, title: str) -> str:
+    """Rewrite STEM.md from STEM.json (e.g. after a change of the table layout)."""
+    res = json.loads(Path(json_path).read_text())
+    md = to_markdown(res, title)
+    Path(json_path).with_suffix(".md").write_text(md)
+    return md
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
