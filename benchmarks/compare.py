@@ -28,12 +28,57 @@ def _budget(run_dir: Path | None) -> dict:
             "threads": cfg["train"].get("num_threads")}
 
 
+def pareto(teacher: dict, rows: list[dict], latency: dict, path: Path) -> list[dict]:
+    """Inception KID vs onnxruntime batch-1 p50 latency: teacher points (by NFE, latency scaled from the measured
+    per-NFE cost of the same network) and the students (measured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lat = {(r["model"], r["batch"]): r for r in latency["rows"] if r["backend"] == "onnxruntime"}
+    teacher_rows = [r for r in lat.values() if r["model"].startswith("teacher") and r["batch"] == 1]
+    if not teacher_rows or ("student", 1) not in lat:
+        return []
+    per_nfe = sum(r["p50_ms"] for r in teacher_rows) / sum(r["nfe"] for r in teacher_rows)
+    pts = []
+    for r in teacher["rows"]:
+        if "inception_kid" in r:
+            measured = next((x for x in teacher_rows if x["nfe"] == r["nfe"]), None)
+            ms = measured["p50_ms"] if measured else per_nfe * r["nfe"]
+            pts.append({"name": f"teacher {r['sampler']} {r['nfe']} NFE", "ms": ms, "kid": r["inception_kid"],
+                        "latency": "measured" if measured else "per-NFE estimate"})
+    for r in rows:
+        if r.get("budget") is not None and r.get("inception_kid") is not None:
+            pts.append({"name": r["name"], "ms": lat[("student", 1)]["p50_ms"], "kid": r["inception_kid"],
+                        "latency": "measured (same network, 1 NFE)"})
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    t = [p for p in pts if p["name"].startswith("teacher")]
+    s = [p for p in pts if not p["name"].startswith("teacher")]
+    ax.plot([p["ms"] for p in t], [p["kid"] * 1e3 for p in t], "o-", color="tab:blue", label="teacher (N NFE)")
+    for p in t:
+        ax.annotate(p["name"].split(" ", 1)[1], (p["ms"], p["kid"] * 1e3), fontsize=7)
+    for p in s:
+        ax.plot([p["ms"]], [p["kid"] * 1e3], "*", markersize=12, label=f"{p['name']} (1 NFE)")
+    ax.set_xscale("log")
+    ax.set_xlabel("onnxruntime CPU latency per image, batch 1, p50 (ms)")
+    ax.set_ylabel("Inception KID x1e3 (lower is better)")
+    ax.set_title("Quality vs latency")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return pts
+
+
 def main(argv=None) -> int:
     from onestep.provenance import atomic_write_bytes, atomic_write_json
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", required=True)
     ap.add_argument("--student", action="append", default=[], help="NAME=QUALITY_JSON[:RUN_DIR]")
+    ap.add_argument("--latency", default=None, help="latency JSON (benchmarks.latency) for the Pareto chart")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     t = json.loads(Path(args.teacher).read_text())
@@ -76,6 +121,9 @@ def main(argv=None) -> int:
         agree = f"{r['class_agreement']:.3f}" if r.get("class_agreement") is not None else "-"
         lines.append(f"| {r['name']} | {r['nfe']} | {fid} | {kid} | {r['classifier_kid']:.2f} | {agree} | {btxt} |")
     lines.append("")
+    if args.latency:
+        res["pareto"] = pareto(t, rows, json.loads(Path(args.latency).read_text()), Path(f"{args.out}-pareto.png"))
+        lines += [f"![quality vs latency]({Path(args.out).name}-pareto.png)", ""]
     atomic_write_json(f"{args.out}.json", res)
     atomic_write_bytes(f"{args.out}.md", "\n".join(lines).encode())
     print("\n".join(lines))
