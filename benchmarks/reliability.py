@@ -112,12 +112,14 @@ def _wait_ready(url: str, timeout: float) -> float:
     raise RuntimeError(f"the API did not become ready within {timeout} s after Triton restarted")
 
 
-def bad_inputs(url: str) -> list[dict]:
+def bad_inputs(url: str, model: str) -> list[dict]:
     from serving.client import APIClient, APIError
 
     c = APIClient(url)
     out = []
     for body, what in BAD_INPUTS:
+        if body.get("model") == "tiny":  # the served model, so each case reaches the check it is about
+            body = {**body, "model": model}
         try:
             c._req("POST", "/v1/generate", body)
             out.append({"case": what, "status": 200, "ok": False})
@@ -153,7 +155,7 @@ def run(repo: Path, model: str, seconds: float, limit: int, out: Path | None = N
         res["triton_killed"] = load_phase(url, model, max(1, limit // 2), seconds * 2, on_tick=kill_and_restart)
         res["recovery_seconds_after_phase"] = _wait_ready(url, 60.0)
         res["after_recovery"] = load_phase(url, model, max(1, limit // 2), min(seconds, 3.0))
-        res["bad_inputs"] = bad_inputs(url)
+        res["bad_inputs"] = bad_inputs(url, model)
     finally:
         api.stop()
         ts.stop()
