@@ -92,7 +92,8 @@ def run(args) -> dict:
     n_cls = student.num_classes
     backends = args.backends.split(",")
     res: dict = {"machine": machine_info(), "versions": package_versions(), "git_revision": git_revision(),
-                 "command": "python -m benchmarks.latency " + " ".join(sys.argv[1:]), "torch_threads":
+                 "command": ("onestep " if sys.argv[0].endswith("onestep") else "python -m benchmarks.latency ")
+                 + " ".join(sys.argv[1:]), "torch_threads":
                  torch.get_num_threads(), "student": str(args.student), "teacher": str(args.teacher),
                  "student_method": smeta.get("method"), "rows": []}
     res["peak"] = measure_peak_flops("cpu")
