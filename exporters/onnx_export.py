@@ -23,7 +23,7 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 
 
 class ExportError(RuntimeError):
-    pass
+    """An export failed or an artifact is missing, corrupt or stale; the message says which."""
 
 
 def artifact_sidecar(path: str | Path) -> Path:

@@ -27,7 +27,7 @@ DEFAULT_CLASSIFIER = REPO_ROOT / "artifacts" / "fmnist-classifier.safetensors"
 
 
 class MetricError(RuntimeError):
-    pass
+    """A metric cannot be computed (missing weights or classifier)."""
 
 
 def inception_weights_path() -> Path:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 
 class TritonError(RuntimeError):
-    pass
+    """The Triton server could not be found, started or made ready."""
 
 
 def free_port() -> int:
