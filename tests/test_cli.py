@@ -5,7 +5,8 @@ import pytest
 
 from onestep.cli import main
 
-VERBS = ["train", "presets", "sample", "train-classifier", "evaluate"]
+VERBS = ["train", "distill", "presets", "sample", "train-classifier", "evaluate", "export", "serve", "generate",
+         "bench", "demo"]
 
 
 def test_help_lists_verbs(capsys):
