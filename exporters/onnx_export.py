@@ -32,32 +32,29 @@ def artifact_sidecar(path: str | Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-class GeneratorGraph(nn.Module):
+class _Graph(nn.Module):
+    """Holds the wrapped net, cast to the export precision; inputs and outputs stay float32 on the wire."""
+
+    def __init__(self, net: nn.Module, precision: str = "fp32"):
+        super().__init__()
+        self.net = net
+        self.dtype = torch.float16 if precision == "fp16" else torch.float32
+        if precision == "fp16":
+            self.net.half()
+
+
+class GeneratorGraph(_Graph):
     """(z, labels) -> G(z, labels) clamped to [-1, 1]: the image a server returns (before uint8)."""
 
-    def __init__(self, generator: nn.Module, precision: str = "fp32"):
-        super().__init__()
-        self.g = generator
-        self.dtype = torch.float16 if precision == "fp16" else torch.float32
-        if precision == "fp16":
-            self.g.half()
-
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.g(z.to(self.dtype), labels).float().clamp(-1.0, 1.0)
+        return self.net(z.to(self.dtype), labels).float().clamp(-1.0, 1.0)
 
 
-class DenoiserGraph(nn.Module):
+class DenoiserGraph(_Graph):
     """(x, sigma, labels) -> D(x, sigma, labels): one step of a multi-step sampler."""
 
-    def __init__(self, denoiser: nn.Module, precision: str = "fp32"):
-        super().__init__()
-        self.d = denoiser
-        self.dtype = torch.float16 if precision == "fp16" else torch.float32
-        if precision == "fp16":
-            self.d.half()
-
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.d(x.to(self.dtype), sigma, labels).float()
+        return self.net(x.to(self.dtype), sigma, labels).float()
 
 
 def _example_inputs(graph: str, shape, n: int, num_classes: int, seed0: int = 0):
