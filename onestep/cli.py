@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distil a teacher into a one-step student",
                        description="Distil a teacher checkpoint into a one-step generator with one of the methods "
                                    "(denoising-student, sid, sida). Resumes from the run folder.")
-    p.add_argument("--method", required=True, help="denoising-student | sid | sida | emd")
+    p.add_argument("--method", required=True, help="denoising-student | sid | sida | emd | sferd | adv-kd")
     p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the preset's, the shipped teacher)")
     p.add_argument("--preset", default=None, help="named recipe (default: fmnist-METHOD)")
     p.add_argument("--run-dir", required=True)

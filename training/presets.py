@@ -8,9 +8,11 @@ from typing import Any
 
 from onestep.config import OptimConfig, TrainConfig, from_dict, to_dict
 from onestep.nets import UNetConfig
+from training.methods.advkd import AdvKDConfig
 from training.methods.denoising_student import DenoisingStudentConfig
 from training.methods.edm import EDMTeacherConfig
 from training.methods.emd import EMDConfig
+from training.methods.sferd import SFERDConfig
 from training.methods.sid import SiDConfig
 
 
@@ -76,15 +78,42 @@ PRESETS: dict[str, RunConfig] = {
         method_cfg=SiDConfig(alpha=1.0, fake_warmup=50, adversarial=True, lambda_adv=0.01, adv_mix_after=100,
                              optim_generator=OptimConfig(lr=5e-5, betas=(0.0, 0.999)),
                              optim_fake=OptimConfig(lr=5e-5, betas=(0.0, 0.999))),
-        train=TrainConfig(steps=800, batch_size=32, ema_decay=0.99, clip_grad_norm=1.0, log_every=10,
+        train=TrainConfig(steps=400, batch_size=32, ema_decay=0.99, clip_grad_norm=1.0, log_every=10,
                           ckpt_every=100, sample_every=100, seed=0, num_threads=1)),
     "fmnist-emd": RunConfig(
         method="emd", teacher=SHIPPED_TEACHER,
         method_cfg=EMDConfig(K=4, step_eps=0.2, step_z=0.005, noise_cancellation=True, fake_warmup=50,
                              optim_generator=OptimConfig(lr=5e-5, betas=(0.0, 0.999)),
                              optim_fake=OptimConfig(lr=5e-5, betas=(0.0, 0.999))),
-        train=TrainConfig(steps=800, batch_size=32, ema_decay=0.99, clip_grad_norm=1.0, log_every=10,
+        train=TrainConfig(steps=400, batch_size=32, ema_decay=0.99, clip_grad_norm=1.0, log_every=10,
                           ckpt_every=100, sample_every=100, seed=0, num_threads=1)),
+    # SFERD: targets from the attention-guided teacher (Euler, 8 steps); "-noguide" is the ablation without
+    # attention guidance (same recipe, plain teacher targets).
+    "fmnist-sferd": RunConfig(
+        method="sferd", teacher=SHIPPED_TEACHER,
+        method_cfg=SFERDConfig(cache_dir="runs/pairs-fmnist-euler8-ag0.2", n_pairs=2000, holdout=200,
+                               guidance=0.2, blur_sigma=1.0),
+        train=TrainConfig(steps=400, batch_size=64, ema_decay=0.995, clip_grad_norm=1.0, log_every=25,
+                          ckpt_every=100, sample_every=200, seed=0, num_threads=1)),
+    "fmnist-sferd-noguide": RunConfig(
+        method="sferd", teacher=SHIPPED_TEACHER,
+        method_cfg=SFERDConfig(cache_dir="runs/pairs-fmnist-euler8", n_pairs=2000, holdout=200, guidance=0.0),
+        train=TrainConfig(steps=400, batch_size=64, ema_decay=0.995, clip_grad_norm=1.0, log_every=25,
+                          ckpt_every=100, sample_every=200, seed=0, num_threads=1)),
+    # Adv-KD: a randomly initialised staged student (width 32: 0.39M params; "-small": width 16) trained on
+    # teacher trajectories (Euler, 8 steps) with snapshots at sigma 10, 2, 0.5.
+    "fmnist-adv-kd": RunConfig(
+        method="adv-kd", teacher=SHIPPED_TEACHER,
+        method_cfg=AdvKDConfig(cache_dir="runs/pairs-fmnist-euler8-snapshots", n_pairs=2000, holdout=200,
+                               width=32, stage_steps=(100, 100, 150, 450)),
+        train=TrainConfig(steps=800, batch_size=64, ema_decay=0.995, clip_grad_norm=10.0, log_every=25,
+                          ckpt_every=100, sample_every=200, seed=0, num_threads=1)),
+    "fmnist-adv-kd-small": RunConfig(
+        method="adv-kd", teacher=SHIPPED_TEACHER,
+        method_cfg=AdvKDConfig(cache_dir="runs/pairs-fmnist-euler8-snapshots", n_pairs=2000, holdout=200,
+                               width=16, stage_steps=(100, 100, 150, 450)),
+        train=TrainConfig(steps=800, batch_size=64, ema_decay=0.995, clip_grad_norm=10.0, log_every=25,
+                          ckpt_every=100, sample_every=200, seed=0, num_threads=1)),
     # tiny variants for tests (a tiny teacher is passed with --teacher)
     "tiny-denoising-student": RunConfig(
         method="denoising-student",
@@ -105,6 +134,17 @@ PRESETS: dict[str, RunConfig] = {
                                            optim_generator=OptimConfig(lr=1e-4, betas=(0.0, 0.999)),
                                            optim_fake=OptimConfig(lr=1e-4, betas=(0.0, 0.999))),
         train=TrainConfig(steps=8, batch_size=4, ema_decay=0.9, log_every=1, ckpt_every=4, sample_every=0)),
+    "tiny-sferd": RunConfig(
+        method="sferd",
+        method_cfg=SFERDConfig(cache_dir="runs/tiny-pairs-ag", n_pairs=40, holdout=8, teacher_steps=2, cache_batch=16,
+                               latent_steps=2, optim=OptimConfig(lr=1e-3, betas=(0.9, 0.98))),
+        train=TrainConfig(steps=12, batch_size=8, ema_decay=0.9, log_every=2, ckpt_every=6, sample_every=0)),
+    "tiny-adv-kd": RunConfig(
+        method="adv-kd",
+        method_cfg=AdvKDConfig(cache_dir="runs/tiny-pairs-snap", n_pairs=40, holdout=8, teacher_steps=3,
+                               cache_batch=16, width=8, disc_width=8, stage_steps=(3, 3, 3, 15),
+                               optim_generator=OptimConfig(lr=2e-3, betas=(0.5, 0.99))),
+        train=TrainConfig(steps=24, batch_size=8, ema_decay=0.9, log_every=2, ckpt_every=12, sample_every=0)),
 }
 
 

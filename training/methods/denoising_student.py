@@ -29,6 +29,13 @@ class DenoisingStudentConfig:
     cache_batch: int = 250
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, betas=(0.9, 0.98), warmup_steps=100))
 
+    @classmethod
+    def like(cls, cfg) -> "DenoisingStudentConfig":
+        """The pair-cache and regression settings of another offline method's config (same field names)."""
+        import dataclasses
+
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if hasattr(cfg, f.name)})
+
 
 class DenoisingStudent(GeneratorMethod):
     name = "denoising-student"
@@ -45,8 +52,9 @@ class DenoisingStudent(GeneratorMethod):
         from training.pair_cache import build_pair_cache, load_pair_cache
 
         if rank == 0:
-            build_pair_cache(self.teacher, self.teacher_sha, self.cfg.cache_dir, self.cfg.n_pairs,
-                             self.cfg.teacher_sampler, self.cfg.teacher_steps, batch=self.cfg.cache_batch)
+            build_pair_cache(self.cache_teacher(), self.teacher_sha, self.cfg.cache_dir, self.cfg.n_pairs,
+                             self.cfg.teacher_sampler, self.cfg.teacher_steps, batch=self.cfg.cache_batch,
+                             snapshots=tuple(getattr(self.cfg, "snapshots", ())))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
         train, hold = load_pair_cache(self.cfg.cache_dir, self.cfg.holdout)
@@ -54,14 +62,19 @@ class DenoisingStudent(GeneratorMethod):
         self.pairs = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in train.items()}
         self.holdout = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in hold.items()} if hold else None
 
+    def cache_teacher(self):
+        """The denoiser whose sampler makes the targets (SFERD: the attention-guided teacher)."""
+        return self.teacher
+
     def optim_config(self, name):
         return self.cfg.optim
 
     def get_batch(self, gen, n, device):
         idx = torch.randint(0, len(self.pairs["z"]), (n,), generator=gen)
-        labels = self.pairs["labels"][idx].to(device) if "labels" in self.pairs else None
-        return {"z": self.pairs["z"][idx].float().to(device), "x0": self.pairs["x0"][idx].float().to(device),
-                "labels": labels, "n": n}
+        batch = {k: v[idx].float().to(device) for k, v in self.pairs.items() if k not in ("labels", "seeds")}
+        batch["labels"] = self.pairs["labels"][idx].to(device) if "labels" in self.pairs else None
+        batch["n"] = n
+        return batch
 
     def _loss(self, net, z, x0, labels):
         d = net(z, labels) - x0
