@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 
 def _budget(run_dir: Path | None) -> dict:
     if run_dir is None or not (run_dir / "log.jsonl").exists():
@@ -28,14 +30,37 @@ def _budget(run_dir: Path | None) -> dict:
             "threads": cfg["train"].get("num_threads")}
 
 
-def pareto(teacher: dict, rows: list[dict], latency: dict, path: Path) -> list[dict]:
-    """Inception KID vs onnxruntime batch-1 p50 latency: teacher points (by NFE, latency scaled from the measured
-    per-NFE cost of the same network) and the students (measured)."""
-    import matplotlib
+def measure_latency(students: dict[str, str], teacher: str, workdir: Path, repeats: int = 30,
+                    min_seconds: float = 1.0) -> dict:
+    """onnxruntime CPU latency at batch 1, all models in this one process (so ratios are comparable): each student
+    graph (z, labels) -> image, and one Euler step of the teacher's denoiser graph (the per-NFE cost). Also counts
+    parameters."""
+    import torch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from benchmarks.latency import percentiles, time_fn
+    from exporters.onnx_export import export_onnx
+    from onestep.checkpoint import load_model
+    from onestep.noise import seeded_noise
+    from serving.engine import ImageEngine
 
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = {"threads": torch.get_num_threads(), "models": {}}
+    for i, (name, path) in enumerate([("teacher", teacher), *students.items()]):
+        model, meta = load_model(path)
+        onnx_path = workdir / f"model{i}.onnx"
+        side = export_onnx(path, onnx_path)
+        eng = ImageEngine(onnx_path, sampler="euler", steps=1, meta=side)  # teacher: 1 Euler step = 1 NFE
+        z = seeded_noise([0], eng.shape)
+        labels = np.zeros(1, np.int64) if eng.num_classes else None
+        times = time_fn(lambda: eng.model_output(z, labels), 3, repeats, min_seconds)
+        out["models"][name] = {"params": sum(p.numel() for p in model.parameters()), **percentiles(times),
+                               "onnx_parity_max_abs_err": side["parity"]["max_abs_err"]}
+        print(json.dumps({name: out["models"][name]["p50_ms"]}), flush=True)
+    return out
+
+
+def _points_from_latency_json(teacher: dict, rows: list[dict], latency: dict) -> list[dict]:
+    """Older path: a benchmarks.latency JSON (one student network timed for every student)."""
     lat = {(r["model"], r["batch"]): r for r in latency["rows"] if r["backend"] == "onnxruntime"}
     teacher_rows = [r for r in lat.values() if r["model"].startswith("teacher") and r["batch"] == 1]
     if not teacher_rows or ("student", 1) not in lat:
@@ -45,85 +70,138 @@ def pareto(teacher: dict, rows: list[dict], latency: dict, path: Path) -> list[d
     for r in teacher["rows"]:
         if "inception_kid" in r:
             measured = next((x for x in teacher_rows if x["nfe"] == r["nfe"]), None)
-            ms = measured["p50_ms"] if measured else per_nfe * r["nfe"]
-            pts.append({"name": f"teacher {r['sampler']} {r['nfe']} NFE", "ms": ms, "kid": r["inception_kid"],
+            pts.append({"name": f"teacher {r['sampler']} {r['nfe']} NFE", "kid": r["inception_kid"],
+                        "ms": measured["p50_ms"] if measured else per_nfe * r["nfe"],
                         "latency": "measured" if measured else "per-NFE estimate"})
     for r in rows:
         if r.get("budget") is not None and r.get("inception_kid") is not None:
             pts.append({"name": r["name"], "ms": lat[("student", 1)]["p50_ms"], "kid": r["inception_kid"],
                         "latency": "measured (same network, 1 NFE)"})
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    return pts
+
+
+def _points_from_measured(teacher: dict, rows: list[dict], measured: dict) -> list[dict]:
+    per_nfe = measured["models"]["teacher"]["p50_ms"]
+    pts = [{"name": f"teacher {r['sampler']} {r['nfe']} NFE", "kid": r["inception_kid"], "ms": per_nfe * r["nfe"],
+            "latency": "NFE x measured 1-NFE latency"} for r in teacher["rows"] if "inception_kid" in r]
+    pts += [{"name": r["name"], "kid": r["inception_kid"], "ms": r["latency_ms"], "latency": "measured"}
+            for r in rows if r.get("latency_ms") is not None and r.get("budget") is not None
+            and r.get("inception_kid") is not None]
+    return pts
+
+
+def pareto(pts: list[dict], path: Path, x_label: str) -> list[dict]:
+    """Inception KID vs batch-1 latency: the teacher by NFE (a line) and each student (a star)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not pts:
+        return []
+    fig, ax = plt.subplots(figsize=(8, 5))
     t = [p for p in pts if p["name"].startswith("teacher")]
     s = [p for p in pts if not p["name"].startswith("teacher")]
     ax.plot([p["ms"] for p in t], [p["kid"] * 1e3 for p in t], "o-", color="tab:blue", label="teacher (N NFE)")
     for p in t:
         ax.annotate(p["name"].split(" ", 1)[1], (p["ms"], p["kid"] * 1e3), fontsize=7)
-    for p in s:
-        ax.plot([p["ms"]], [p["kid"] * 1e3], "*", markersize=12, label=f"{p['name']} (1 NFE)")
+    markers = "*^sDvP<>hX"
+    for i, p in enumerate(s):
+        ax.plot([p["ms"]], [p["kid"] * 1e3], markers[i % len(markers)], markersize=10, label=p["name"])
     ax.set_xscale("log")
-    ax.set_xlabel("onnxruntime CPU latency per image, batch 1, p50 (ms)")
+    ax.set_xlabel(x_label)
     ax.set_ylabel("Inception KID x1e3 (lower is better)")
     ax.set_title("Quality vs latency")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return pts
 
 
+def _fmt(v, spec, missing="-"):
+    return missing if v is None else format(v, spec)
+
+
 def main(argv=None) -> int:
-    from onestep.provenance import atomic_write_bytes, atomic_write_json
+    from onestep.provenance import atomic_write_bytes, atomic_write_json, machine_info
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--teacher", required=True, help="teacher quality JSON (benchmarks.quality)")
     ap.add_argument("--student", action="append", default=[], help="NAME=QUALITY_JSON[:RUN_DIR]")
     ap.add_argument("--latency", default=None, help="latency JSON (benchmarks.latency) for the Pareto chart")
+    ap.add_argument("--measure-latency", action="store_true",
+                    help="export every model to ONNX and time it at batch 1 in this process (params + ms columns)")
+    ap.add_argument("--latency-repeats", type=int, default=30)
+    ap.add_argument("--workdir", default=None, help="where the ONNX files for --measure-latency go")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     t = json.loads(Path(args.teacher).read_text())
     inc_rows = [r for r in t["rows"] if "inception_kid" in r]
     t1 = next((r for r in t["rows"] if r["nfe"] == 1 and "inception_kid" in r), None)
     best = min(inc_rows, key=lambda r: r["inception_kid"]) if inc_rows else None
+    metric_keys = ("inception_fid", "inception_kid", "inception_kid_std", "classifier_kid", "class_agreement")
     rows = []
     for label, r in (("teacher, 1 NFE (Euler)", t1), (f"teacher, best ({best['sampler']} {best['nfe']} NFE)"
                                                        if best else "teacher best", best)):
         if r:
-            rows.append({"name": label, "nfe": r["nfe"], **{k: r.get(k) for k in (
-                "inception_fid", "inception_kid", "inception_kid_std", "classifier_kid", "class_agreement")}})
+            rows.append({"name": label, "nfe": r["nfe"], **{k: r.get(k) for k in metric_keys}})
+    students = {}
     for spec in args.student:
         name, _, rest = spec.partition("=")
         qpath, _, run_dir = rest.partition(":")
         q = json.loads(Path(qpath).read_text())
         r = q["rows"][0]
-        rows.append({"name": name, "nfe": 1, **{k: r.get(k) for k in ("inception_fid", "inception_kid",
-                                                                       "inception_kid_std", "classifier_kid",
-                                                                       "class_agreement")},
+        rows.append({"name": name, "nfe": 1, **{k: r.get(k) for k in metric_keys},
                      "budget": _budget(Path(run_dir) if run_dir else None), "model": q["model"],
                      "command": q.get("run", {}).get("command")})
+        students[name] = q["model"]
     res = {"teacher": args.teacher, "baselines": t["baselines"], "n_inception": t["n_inception"], "n": t["n"],
-           "rows": rows}
+           "command": "python -m benchmarks.compare " + " ".join(sys.argv[1:] if argv is None else argv),
+           "machine": machine_info(), "rows": rows}
+    measured = None
+    if args.measure_latency:
+        import tempfile
+
+        measured = measure_latency(students, t["model"], Path(args.workdir or tempfile.mkdtemp(prefix="onestep-cmp-")),
+                                   args.latency_repeats)
+        res["latency"] = measured
+        per_nfe = measured["models"]["teacher"]["p50_ms"]
+        for r in rows:
+            m = measured["models"].get(r["name"])
+            r["latency_ms"] = m["p50_ms"] if m else per_nfe * r["nfe"]
+            r["params"] = m["params"] if m else measured["models"]["teacher"]["params"]
     b = t["baselines"]
     lines = ["# One-step students vs their teacher (Fashion-MNIST 32x32, class-conditional)", "",
              f"Inception FID/KID at N={t['n_inception']} generated vs N real test images; real-vs-real baseline at "
              f"the same N: FID {b['inception']['fid']:.2f}, KID {b['inception']['kid']*1e3:.2f}e-3. Classifier-space "
              f"KID at N={t['n']} (real-vs-real {b['classifier']['kid']:.2f}; its own scale, not comparable to "
-             f"Inception KID).", "",
-             "| model | NFE | Inception FID | Inception KID x1e3 | classifier KID | class agreement | budget |",
-             "|---|---|---|---|---|---|---|"]
+             f"Inception KID).", ""]
+    if measured:
+        lines += [f"Latency: onnxruntime CPU, batch 1, p50 over >= {args.latency_repeats} runs, all models timed in "
+                  f"one process ({measured['threads']} threads); teacher rows are NFE x its measured 1-NFE latency.",
+                  ""]
+    head = "| model | NFE | params | ms/img | Inception FID | Inception KID x1e3 | classifier KID | class agreement | budget |"
+    lines += [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         bud = r.get("budget") or {}
         btxt = (f"{bud.get('iterations')} it x {bud.get('batch')} ({bud.get('kimg')} kimg), "
                 f"{(bud.get('train_seconds') or 0)/60:.0f} min CPU") if bud else ""
-        fid = f"{r['inception_fid']:.2f}" if r.get("inception_fid") is not None else "-"
         kid = (f"{r['inception_kid']*1e3:.2f} ± {r['inception_kid_std']*1e3:.2f}"
                if r.get("inception_kid") is not None else "-")
-        agree = f"{r['class_agreement']:.3f}" if r.get("class_agreement") is not None else "-"
-        lines.append(f"| {r['name']} | {r['nfe']} | {fid} | {kid} | {r['classifier_kid']:.2f} | {agree} | {btxt} |")
+        params = f"{r['params']/1e6:.2f}M" if r.get("params") else "-"
+        lines.append(f"| {r['name']} | {r['nfe']} | {params} | {_fmt(r.get('latency_ms'), '.1f')} | "
+                     f"{_fmt(r.get('inception_fid'), '.2f')} | {kid} | {_fmt(r.get('classifier_kid'), '.2f')} | "
+                     f"{_fmt(r.get('class_agreement'), '.3f')} | {btxt} |")
     lines.append("")
-    if args.latency:
-        res["pareto"] = pareto(t, rows, json.loads(Path(args.latency).read_text()), Path(f"{args.out}-pareto.png"))
+    if measured or args.latency:
+        pts = (_points_from_measured(t, rows, measured) if measured else
+               _points_from_latency_json(t, rows, json.loads(Path(args.latency).read_text())))
+        res["pareto"] = pareto(pts, Path(f"{args.out}-pareto.png"),
+                               "onnxruntime CPU latency per image, batch 1, p50 (ms)")
         lines += [f"![quality vs latency]({Path(args.out).name}-pareto.png)", ""]
+    lines += ["Command: `" + res["command"] + "`", f"Machine: {res['machine']}", ""]
     atomic_write_json(f"{args.out}.json", res)
     atomic_write_bytes(f"{args.out}.md", "\n".join(lines).encode())
     print("\n".join(lines))

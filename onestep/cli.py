@@ -50,7 +50,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from training.run import train
+    from training.run import export_state, train
+
+    if args.export_state:
+        if not args.out:
+            raise ValueError("--export-state needs --out MODEL.safetensors")
+        print(export_state(args.run_dir, args.export_state, args.out))
+        return 0
 
     if args.preset is None:
         args.preset = f"fmnist-{args.method}"
@@ -128,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="distil a teacher into a one-step student",
                        description="Distil a teacher checkpoint into a one-step generator with one of the methods "
-                                   "(denoising-student, sid, sida). Resumes from the run folder.")
+                                   "(denoising-student, sid, sida, emd, sferd, adv-kd). Resumes from the run folder.")
     p.add_argument("--method", required=True, help="denoising-student | sid | sida | emd | sferd | adv-kd")
     p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the preset's, the shipped teacher)")
     p.add_argument("--preset", default=None, help="named recipe (default: fmnist-METHOD)")
@@ -138,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--metric", choices=["none", "classifier"], default="classifier",
                    help="periodic sample-quality metric (fast Fashion-MNIST classifier KID)")
+    p.add_argument("--export-state", default=None, metavar="STATE_DIR",
+                   help="do not train: write the EMA product of this saved state of RUN_DIR to --out")
+    p.add_argument("--out", default=None, help="output checkpoint for --export-state")
     p.set_defaults(fn=cmd_distill)
 
     p = sub.add_parser("demo", help="end to end: shipped teacher + student -> ONNX -> Triton -> HTTP request",

@@ -142,3 +142,21 @@ def test_students_export_as_one_graph(tiny_artifacts, tmp_path):
         assert side["graph"] == "generator" and side["parity"]["max_abs_err"] <= 1e-4
         assert side["method"] == get_preset(preset).method
         assert [i["name"] for i in side["inputs"]] == ["z", "labels"]
+
+
+def test_export_state_writes_the_product_of_a_saved_state(tiny_artifacts, tmp_path):
+    """`onestep distill --export-state` of the last state equals the run's own export; an earlier state differs."""
+    from safetensors.torch import load_file
+
+    from training.run import export_state
+
+    rc = _rc("tiny-sid", tiny_artifacts, tmp_path, "train.steps=4", "train.ckpt_every=2")
+    train(rc, tmp_path / "run", progress=False)
+    states = sorted((tmp_path / "run" / "checkpoints").glob("state-*"))
+    assert [s.name for s in states] == ["state-00000002", "state-00000004"]
+    final = load_file(str(tmp_path / "run" / "model.safetensors"))
+    again = load_file(str(export_state(tmp_path / "run", states[-1], tmp_path / "s4.safetensors")))
+    early = load_file(str(export_state(tmp_path / "run", states[0], tmp_path / "s2.safetensors")))
+    assert all(torch.equal(final[k], again[k]) for k in final)
+    assert any(not torch.equal(final[k], early[k]) for k in final)
+    assert json.loads((tmp_path / "s2.json").read_text())["iteration"] == 2

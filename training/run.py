@@ -48,3 +48,15 @@ def train(rc: RunConfig, run_dir: str | os.PathLike, resume: bool = True, device
     if (trainer.run_dir / "model-best.safetensors").exists():
         result["best_model"] = str(trainer.run_dir / "model-best.safetensors")
     return result
+
+
+def export_state(run_dir: str | os.PathLike, state_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the product (EMA weights) of one saved training state as a model checkpoint, e.g. to evaluate a run
+    at an earlier iteration: `onestep distill ... --export-state RUN/checkpoints/state-00000200 --out M.safetensors`."""
+    import json
+
+    rc = RunConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text())["run_config"])
+    method = build_method(rc)
+    trainer = Trainer(method, rc.train, Path(run_dir), device="cpu", run_config=rc.to_dict(), progress=False)
+    trainer.load_state(Path(state_dir))
+    return trainer.export(out)
