@@ -146,7 +146,8 @@ def main(argv=None) -> int:
     for label, r in (("teacher, 1 NFE (Euler)", t1), (f"teacher, best ({best['sampler']} {best['nfe']} NFE)"
                                                        if best else "teacher best", best)):
         if r:
-            rows.append({"name": label, "nfe": r["nfe"], **{k: r.get(k) for k in metric_keys}})
+            rows.append({"name": label, "nfe": r["nfe"], **{k: r.get(k) for k in metric_keys},
+                         "grid": f"{Path(args.teacher).stem}-grids/grid-{r['sampler']}-{r['steps']}.png"})
     students = {}
     for spec in args.student:
         name, _, rest = spec.partition("=")
@@ -155,7 +156,8 @@ def main(argv=None) -> int:
         r = q["rows"][0]
         rows.append({"name": name, "nfe": 1, **{k: r.get(k) for k in metric_keys},
                      "budget": _budget(Path(run_dir) if run_dir else None), "model": q["model"],
-                     "command": q.get("run", {}).get("command")})
+                     "command": q.get("run", {}).get("command"),
+                     "grid": f"{Path(qpath).stem}-grids/grid-onestep-1.png"})
         students[name] = q["model"]
     res = {"teacher": args.teacher, "baselines": t["baselines"], "n_inception": t["n_inception"], "n": t["n"],
            "command": "python -m benchmarks.compare " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -182,7 +184,8 @@ def main(argv=None) -> int:
         lines += [f"Latency: onnxruntime CPU, batch 1, p50 over >= {args.latency_repeats} runs, all models timed in "
                   f"one process ({measured['threads']} threads); teacher rows are NFE x its measured 1-NFE latency.",
                   ""]
-    head = "| model | NFE | params | ms/img | Inception FID | Inception KID x1e3 | classifier KID | class agreement | budget |"
+    head = ("| model | NFE | params | ms/img | Inception FID | Inception KID x1e3 | classifier KID | class agreement "
+            "| budget | samples |")
     lines += [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         bud = r.get("budget") or {}
@@ -193,7 +196,8 @@ def main(argv=None) -> int:
         params = f"{r['params']/1e6:.2f}M" if r.get("params") else "-"
         lines.append(f"| {r['name']} | {r['nfe']} | {params} | {_fmt(r.get('latency_ms'), '.1f')} | "
                      f"{_fmt(r.get('inception_fid'), '.2f')} | {kid} | {_fmt(r.get('classifier_kid'), '.2f')} | "
-                     f"{_fmt(r.get('class_agreement'), '.3f')} | {btxt} |")
+                     f"{_fmt(r.get('class_agreement'), '.3f')} | {btxt} | "
+                     + (f"[grid]({r['grid']})" if r.get("grid") else "") + " |")
     lines.append("")
     if measured or args.latency:
         pts = (_points_from_measured(t, rows, measured) if measured else

@@ -55,17 +55,23 @@ def generate(model, meta: dict, sampler: str, steps: int, n: int, batch: int = 2
 
 
 def evaluate(model_path: str, points, n: int, inception_points=(), n_inception: int | None = None,
-             grid_dir: Path | None = None, progress: bool = True) -> dict:
+             grid_dir: Path | None = None, progress: bool = True, guidance: float = 0.0,
+             blur_sigma: float = 1.0) -> dict:
     from onestep.checkpoint import load_model
     from onestep.images import save_grid
     from onestep.metrics import ClassifierFeatures, InceptionFeatures, evaluate_images, real_baseline
     from onestep.samplers import nfe
 
     model, meta = load_model(model_path)
+    if guidance:  # the teacher with SFERD's attention guidance (what fmnist-sferd's targets are sampled from)
+        from training.methods.attention_guidance import AttentionGuidedDenoiser
+
+        model = AttentionGuidedDenoiser(model.float(), guidance, blur_sigma)
     clf = ClassifierFeatures()
     inc = InceptionFeatures() if inception_points else None
     n_inc = n_inception or n
     res = {"model": model_path, "model_sha256": meta.get("sha256"), "n": n, "n_inception": n_inc,
+           "attention_guidance": {"w": guidance, "blur_sigma": blur_sigma} if guidance else None,
            "baselines": {"classifier": real_baseline(extractor=clf, n=n)}, "rows": []}
     if inc is not None:
         res["baselines"]["inception"] = real_baseline(extractor=inc, n=n_inc, progress=progress)
@@ -128,6 +134,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--n-inception", type=int, default=None, help="images per Inception point (default --n)")
     ap.add_argument("--out", required=True, help="output stem: writes STEM.json, STEM.md and grids in STEM-grids/")
     ap.add_argument("--title", default="Sample quality vs NFE")
+    ap.add_argument("--guidance", type=float, default=0.0,
+                    help="sample a teacher with SFERD's attention guidance of this weight w (0 = off)")
+    ap.add_argument("--blur-sigma", type=float, default=1.0, help="blur of the attention guidance")
 
 
 def run(args) -> int:
@@ -139,7 +148,8 @@ def run(args) -> int:
     points = parse_points(args.points)
     inc_points = parse_points(args.inception_points)
     out = Path(args.out)
-    res = evaluate(args.model, points, args.n, inc_points, args.n_inception, grid_dir=Path(f"{out}-grids"))
+    res = evaluate(args.model, points, args.n, inc_points, args.n_inception, grid_dir=Path(f"{out}-grids"),
+                   guidance=args.guidance, blur_sigma=args.blur_sigma)
     res["run"] = {"command": " ".join(["onestep" if sys.argv[0].endswith("onestep") else "python -m benchmarks.quality"]
                                       + sys.argv[1:]),
                   "machine": machine_info(), "git_revision": git_revision(), "torch_threads": torch.get_num_threads()}
