@@ -3,7 +3,7 @@ the numbers live in benchmarks/results/ next to the command that measured them."
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from onestep.config import OptimConfig, TrainConfig, from_dict, to_dict
@@ -87,31 +87,20 @@ PRESETS: dict[str, RunConfig] = {
                              optim_fake=OptimConfig(lr=5e-5, betas=(0.0, 0.999))),
         train=TrainConfig(steps=400, batch_size=32, ema_decay=0.99, clip_grad_norm=1.0, log_every=10,
                           ckpt_every=100, sample_every=100, seed=0, num_threads=1)),
-    # SFERD: targets from the attention-guided teacher (Euler, 8 steps); "-noguide" is the ablation without
-    # attention guidance (same recipe, plain teacher targets).
+    # SFERD: targets from the attention-guided teacher (Euler, 8 steps); "fmnist-sferd-noguide" (below) is the
+    # ablation without attention guidance (same recipe, plain teacher targets).
     "fmnist-sferd": RunConfig(
         method="sferd", teacher=SHIPPED_TEACHER,
         method_cfg=SFERDConfig(cache_dir="runs/pairs-fmnist-euler8-ag0.2", n_pairs=2000, holdout=200,
                                guidance=0.2, blur_sigma=1.0),
         train=TrainConfig(steps=400, batch_size=64, ema_decay=0.995, clip_grad_norm=1.0, log_every=25,
                           ckpt_every=100, sample_every=200, seed=0, num_threads=1)),
-    "fmnist-sferd-noguide": RunConfig(
-        method="sferd", teacher=SHIPPED_TEACHER,
-        method_cfg=SFERDConfig(cache_dir="runs/pairs-fmnist-euler8", n_pairs=2000, holdout=200, guidance=0.0),
-        train=TrainConfig(steps=400, batch_size=64, ema_decay=0.995, clip_grad_norm=1.0, log_every=25,
-                          ckpt_every=100, sample_every=200, seed=0, num_threads=1)),
-    # Adv-KD: a randomly initialised staged student (width 32: 0.39M params; "-small": width 16) trained on
+    # Adv-KD: a randomly initialised staged student (width 32; "fmnist-adv-kd-small": width 16) trained on
     # teacher trajectories (Euler, 8 steps) with snapshots at sigma 10, 2, 0.5.
     "fmnist-adv-kd": RunConfig(
         method="adv-kd", teacher=SHIPPED_TEACHER,
         method_cfg=AdvKDConfig(cache_dir="runs/pairs-fmnist-euler8-snapshots", n_pairs=2000, holdout=200,
                                width=32, stage_steps=(100, 100, 150, 450)),
-        train=TrainConfig(steps=800, batch_size=64, ema_decay=0.995, clip_grad_norm=10.0, log_every=25,
-                          ckpt_every=100, sample_every=200, seed=0, num_threads=1)),
-    "fmnist-adv-kd-small": RunConfig(
-        method="adv-kd", teacher=SHIPPED_TEACHER,
-        method_cfg=AdvKDConfig(cache_dir="runs/pairs-fmnist-euler8-snapshots", n_pairs=2000, holdout=200,
-                               width=16, stage_steps=(100, 100, 150, 450)),
         train=TrainConfig(steps=800, batch_size=64, ema_decay=0.995, clip_grad_norm=10.0, log_every=25,
                           ckpt_every=100, sample_every=200, seed=0, num_threads=1)),
     # tiny variants for tests (a tiny teacher is passed with --teacher)
@@ -146,6 +135,17 @@ PRESETS: dict[str, RunConfig] = {
                                optim_generator=OptimConfig(lr=2e-3, betas=(0.5, 0.99))),
         train=TrainConfig(steps=24, batch_size=8, ema_decay=0.9, log_every=2, ckpt_every=12, sample_every=0)),
 }
+
+
+def _variant(base: str, **method_changes) -> RunConfig:
+    """A preset that differs from `base` only in method settings (ablations)."""
+    rc = PRESETS[base]
+    return replace(rc, method_cfg=replace(rc.method_cfg, **method_changes))
+
+
+# Ablations (results beside their base preset's in benchmarks/results/students.md)
+PRESETS["fmnist-sferd-noguide"] = _variant("fmnist-sferd", cache_dir="runs/pairs-fmnist-euler8", guidance=0.0)
+PRESETS["fmnist-adv-kd-small"] = _variant("fmnist-adv-kd", width=16)
 
 
 def get_preset(name: str) -> RunConfig:
