@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -31,10 +32,10 @@ def _budget(run_dir: Path | None) -> dict:
 
 
 def measure_latency(students: dict[str, str], teacher: str, workdir: Path, repeats: int = 30,
-                    min_seconds: float = 1.0) -> dict:
-    """onnxruntime CPU latency at batch 1, all models in this one process (so ratios are comparable): each student
-    graph (z, labels) -> image, and one Euler step of the teacher's denoiser graph (the per-NFE cost). Also counts
-    parameters."""
+                    min_seconds: float = 1.0, rounds: int = 10) -> dict:
+    """onnxruntime CPU latency at batch 1, all models in this one process and timed in `rounds` interleaved rounds
+    (so ratios are comparable): each student graph (z, labels) -> image, and one Euler step of the teacher's
+    denoiser graph (the per-NFE cost). Also counts parameters."""
     import torch
 
     from benchmarks.latency import percentiles, time_fn
@@ -44,17 +45,25 @@ def measure_latency(students: dict[str, str], teacher: str, workdir: Path, repea
     from serving.engine import ImageEngine
 
     workdir.mkdir(parents=True, exist_ok=True)
-    out = {"threads": torch.get_num_threads(), "models": {}}
+    out = {"threads": torch.get_num_threads(), "rounds": rounds, "models": {}}
+    runners, times = {}, {}
     for i, (name, path) in enumerate([("teacher", teacher), *students.items()]):
-        model, meta = load_model(path)
+        model, _ = load_model(path)
         onnx_path = workdir / f"model{i}.onnx"
         side = export_onnx(path, onnx_path)
         eng = ImageEngine(onnx_path, sampler="euler", steps=1, meta=side)  # teacher: 1 Euler step = 1 NFE
         z = seeded_noise([0], eng.shape)
         labels = np.zeros(1, np.int64) if eng.num_classes else None
-        times = time_fn(lambda: eng.model_output(z, labels), 3, repeats, min_seconds)
-        out["models"][name] = {"params": sum(p.numel() for p in model.parameters()), **percentiles(times),
+        runners[name] = (lambda e=eng, z=z, lab=labels: e.model_output(z, lab))
+        times[name] = []
+        out["models"][name] = {"params": sum(p.numel() for p in model.parameters()),
                                "onnx_parity_max_abs_err": side["parity"]["max_abs_err"]}
+    # round robin, so that a slow spell of this shared machine hits every model alike
+    for _ in range(rounds):
+        for name, fn in runners.items():
+            times[name] += time_fn(fn, 3, max(1, repeats // rounds), min_seconds / rounds)
+    for name in runners:
+        out["models"][name].update(percentiles(times[name]))
         print(json.dumps({name: out["models"][name]["p50_ms"]}), flush=True)
     return out
 
@@ -160,7 +169,7 @@ def main(argv=None) -> int:
                      "grid": f"{Path(qpath).stem}-grids/grid-onestep-1.png"})
         students[name] = q["model"]
     res = {"teacher": args.teacher, "baselines": t["baselines"], "n_inception": t["n_inception"], "n": t["n"],
-           "command": "python -m benchmarks.compare " + " ".join(sys.argv[1:] if argv is None else argv),
+           "command": "python -m benchmarks.compare " + shlex.join(sys.argv[1:] if argv is None else argv),
            "machine": machine_info(), "rows": rows}
     measured = None
     if args.measure_latency:
@@ -181,9 +190,10 @@ def main(argv=None) -> int:
              f"KID at N={t['n']} (real-vs-real {b['classifier']['kid']:.2f}; its own scale, not comparable to "
              f"Inception KID).", ""]
     if measured:
-        lines += [f"Latency: onnxruntime CPU, batch 1, p50 over >= {args.latency_repeats} runs, all models timed in "
-                  f"one process ({measured['threads']} threads); teacher rows are NFE x its measured 1-NFE latency.",
-                  ""]
+        lines += [f"Latency: onnxruntime CPU, batch 1, p50 over >= {args.latency_repeats} runs per model in "
+                  f"{measured['rounds']} interleaved rounds, all models in one process ({measured['threads']} threads); "
+                  f"teacher rows are NFE x its measured 1-NFE latency. Students of the same network should time "
+                  f"alike: their spread is the noise of this shared machine.", ""]
     head = ("| model | NFE | params | ms/img | Inception FID | Inception KID x1e3 | classifier KID | class agreement "
             "| budget | samples |")
     lines += [head, "|---" * (head.count("|") - 1) + "|"]
