@@ -134,7 +134,8 @@ def _fmt(v, spec, missing="-"):
 
 
 def main(argv=None) -> int:
-    from onestep.provenance import atomic_write_bytes, atomic_write_json, machine_info
+    from benchmarks.report import write_report
+    from onestep.provenance import machine_info
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", required=True, help="teacher quality JSON (benchmarks.quality)")
@@ -215,10 +216,7 @@ def main(argv=None) -> int:
         res["pareto"] = pareto(pts, Path(f"{args.out}-pareto.png"),
                                "onnxruntime CPU latency per image, batch 1, p50 (ms)")
         lines += [f"![quality vs latency]({Path(args.out).name}-pareto.png)", ""]
-    lines += ["Command: `" + res["command"] + "`", f"Machine: {res['machine']}", ""]
-    atomic_write_json(f"{args.out}.json", res)
-    atomic_write_bytes(f"{args.out}.md", "\n".join(lines).encode())
-    print("\n".join(lines))
+    write_report(args.out, res, lines[:-1])
     return 0
 
 

@@ -18,7 +18,8 @@ def main(argv=None) -> int:
     import torch
 
     from onestep.checkpoint import load_model
-    from onestep.provenance import atomic_write_bytes, atomic_write_json, git_revision, machine_info
+    from benchmarks.report import write_report
+    from onestep.provenance import git_revision, machine_info
     from training.pair_cache import load_pair_cache
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,10 +47,7 @@ def main(argv=None) -> int:
              f"Held-out L1 to the teacher's (attention-guided) samples, {len(z)} pairs never trained on.", "",
              "| variant | held-out L1 |", "|---|---|"]
     lines += [f"| {r['variant']} | {r['heldout_l1']:.5f} |" for r in rows]
-    lines += ["", f"Command: `{res['command']}`", f"Machine: {res['machine']}", ""]
-    atomic_write_json(f"{args.out}.json", res)
-    atomic_write_bytes(f"{args.out}.md", "\n".join(lines).encode())
-    print("\n".join(lines))
+    write_report(args.out, res, lines)
     return 0
 
 
