@@ -25,15 +25,16 @@ def test_serve_answers_and_stops_triton_on_sigterm(tiny_artifacts, tmp_path):
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
         deadline = time.time() + 120
+        last_error = None
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
                     if r.status == 200:
                         break
-            except OSError:
-                pass
+            except OSError as e:  # not listening yet: poll again until the deadline
+                last_error = e
             assert p.poll() is None, p.stdout.read()
-            assert time.time() < deadline, "serve never became ready"
+            assert time.time() < deadline, f"serve never became ready ({last_error})"
             time.sleep(0.5)
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/generate", method="POST",
                                      data=json.dumps({"model": "tiny", "seed": 3, "n": 2}).encode(),
