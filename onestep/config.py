@@ -22,6 +22,9 @@ class TrainConfig:
     batch_size: int = 64  # global batch (split across data-parallel ranks)
     grad_accum: int = 1
     ema_decay: float = 0.999  # per iteration; warmed up as min(decay, (1+it)/(10+it))
+    # further EMA lengths kept beside the main one (exported as model-ema<decay>.safetensors at each checkpoint),
+    # so the final EMA can be chosen on a held-out metric instead of fixed in advance
+    extra_ema_decays: tuple[float, ...] = ()
     clip_grad_norm: float | None = 1.0
     max_nan_skips: int = 20  # consecutive non-finite steps tolerated before the run stops
     log_every: int = 25

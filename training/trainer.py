@@ -93,6 +93,9 @@ class Trainer:
         self.micro_batch = cfg.batch_size // (self.world * cfg.grad_accum)
         self.optims = {name: self._make_optim(name) for name in method.trainable.keys()}
         self.emas = {name: EMA(method.trainable[name], cfg.ema_decay) for name in method.ema_names}
+        # keyed 'name@decay'; only the export net gets the extra lengths
+        self.extra_emas = {f"{method.export_name}@{d:g}": EMA(method.trainable[method.export_name], d)
+                           for d in cfg.extra_ema_decays if method.export_name in method.trainable}
         self.it = 0
         self.nan_skips = 0
         self.best_val = float("inf")
@@ -183,6 +186,8 @@ class Trainer:
             logs[f"{phase}/lr"] = self._lr(phase)
         for name, ema in self.emas.items():
             ema.update(self.method.trainable[name], self.it)
+        for key, ema in self.extra_emas.items():
+            ema.update(self.method.trainable[key.split("@")[0]], self.it)
         for net in self.method.trainable.values():
             net.requires_grad_(True)
         self.it += 1
@@ -200,7 +205,7 @@ class Trainer:
         for name, net in self.method.trainable.items():
             for k, v in net.state_dict().items():
                 tensors[f"net.{name}.{k}"] = v
-        for name, ema in self.emas.items():
+        for name, ema in {**self.emas, **self.extra_emas}.items():
             for k, v in ema.net.state_dict().items():
                 tensors[f"ema.{name}.{k}"] = v
         for name, opt in self.optims.items():
@@ -242,6 +247,8 @@ class Trainer:
         for old in sorted(self.ckpt_dir.glob(f"{STATE_PREFIX}*"))[:-max(1, self.cfg.keep_checkpoints)]:
             shutil.rmtree(old, ignore_errors=True)
         self.export()
+        for key, ema in self.extra_emas.items():
+            self.export(self.run_dir / f"model-ema{key.split('@')[1]}.safetensors", net=ema.net)
         return final
 
     def validate(self) -> None:
@@ -276,6 +283,8 @@ class Trainer:
             net.load_state_dict(sub(f"net.{name}."))
         for name, ema in self.emas.items():
             ema.net.load_state_dict(sub(f"ema.{name}."))
+        for key, ema in self.extra_emas.items():  # a state saved without this length starts it from the weights
+            ema.net.load_state_dict(sub(f"ema.{key}.") or sub(f"net.{key.split('@')[0]}."))
         for name, opt in self.optims.items():
             state: dict[int, dict] = {}
             for k, v in sub(f"optim.{name}.").items():
@@ -299,10 +308,11 @@ class Trainer:
         name = self.method.export_name
         return self.emas[name].net if name in self.emas else self.method.trainable[name]
 
-    def export(self, path: str | os.PathLike | None = None, dtype: torch.dtype | None = None) -> Path:
-        """Write the product (EMA weights of the export net) as a model checkpoint."""
+    def export(self, path: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
+               net: torch.nn.Module | None = None) -> Path:
+        """Write the product (EMA weights of the export net, or `net`) as a model checkpoint."""
         path = Path(path) if path else self.run_dir / "model.safetensors"
-        save_model(path, self.export_net(), self.method.export_spec(), dtype=dtype,
+        save_model(path, net if net is not None else self.export_net(), self.method.export_spec(), dtype=dtype,
                    extra={"method": self.method.name, "iteration": self.it, "run_config": self.run_config,
                           "train": to_dict(self.cfg), "method_config": self.method.config_dict()})
         return path

@@ -27,6 +27,10 @@ class EDMTeacherConfig:
     sigma_max: float = 80.0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=200))
     grid_steps: int = 18  # Heun steps for sample grids and the periodic metric (35 NFE)
+    # Warm start: copy every tensor of this EDM checkpoint whose name and shape match; tensors it lacks (e.g.
+    # attention layers added to its architecture) keep their init, with the attention output projections zeroed
+    # so that the residual attention blocks start as the identity and the net starts as the source function.
+    init_from: str | None = None
 
 
 def edm_loss(denoiser, y: torch.Tensor, labels, P_mean: float, P_std: float, sigma_data: float,
@@ -48,6 +52,32 @@ def make_edm_denoiser(cfg: EDMTeacherConfig) -> EDMDenoiser:
     return d
 
 
+def warm_start(denoiser: EDMDenoiser, path: str) -> dict:
+    """Load the matching tensors of checkpoint `path` into `denoiser` (see EDMTeacherConfig.init_from)."""
+    from onestep.checkpoint import CheckpointError, load_model
+
+    src, meta = load_model(path)
+    if meta.get("model", {}).get("kind") != "edm-denoiser":
+        raise CheckpointError(f"init_from {path}: an EDM teacher checkpoint is needed, found "
+                              f"{meta.get('model', {}).get('kind')!r}")
+    src_sd = {k: v.float() for k, v in src.state_dict().items()}
+    own = denoiser.state_dict()
+    mismatched = [k for k in src_sd if k in own and own[k].shape != src_sd[k].shape]
+    if mismatched:
+        raise CheckpointError(f"init_from {path}: tensors differ in shape: {mismatched[:5]}")
+    unused = [k for k in src_sd if k not in own]
+    if unused:
+        raise CheckpointError(f"init_from {path}: tensors with no place in this architecture: {unused[:5]}")
+    new = [k for k in own if k not in src_sd]
+    with torch.no_grad():
+        denoiser.load_state_dict({**own, **src_sd})
+        for name, mod in denoiser.named_modules():
+            if name.endswith("to_out.0") and any(k.startswith(name + ".") for k in new):
+                mod.weight.zero_()
+                mod.bias.zero_()
+    return {"source": path, "source_sha256": meta.get("sha256"), "copied": len(src_sd), "new": len(new)}
+
+
 class EDMTeacher(Method):
     name = "edm-teacher"
     ema_names = ("denoiser",)
@@ -60,6 +90,8 @@ class EDMTeacher(Method):
         self.num_classes = cfg.unet.num_classes
         self.image_shape = (cfg.unet.channels, cfg.unet.resolution, cfg.unet.resolution)
         self.trainable["denoiser"] = make_edm_denoiser(cfg)
+        if cfg.init_from:
+            self.init_report = warm_start(self.trainable["denoiser"], cfg.init_from)
 
     def optim_config(self, name: str) -> OptimConfig:
         return self.cfg.optim
