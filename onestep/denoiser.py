@@ -49,6 +49,19 @@ def _exporting() -> bool:
         return False
 
 
+def raw_network(denoiser: nn.Module) -> nn.Module:
+    """The raw network F inside a denoiser (the diffusers UNet2DModel), whatever the wrapper: EDMDenoiser keeps
+    it as `.net`, DiffusersEpsDenoiser as `.unet`; a OneStepGenerator is unwrapped first. Methods that hook the
+    network's layers (SiDA's discriminator, SFERD's attention maps) go through this one door."""
+    while isinstance(denoiser, OneStepGenerator):
+        denoiser = denoiser.denoiser
+    for attr in ("net", "unet"):
+        net = getattr(denoiser, attr, None)
+        if isinstance(net, nn.Module):
+            return net
+    raise TypeError(f"{type(denoiser).__name__} exposes no raw network (.net or .unet)")
+
+
 class EDMDenoiser(nn.Module):
     """D(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)); EDM Eq. 7, Table 1."""
 

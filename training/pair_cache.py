@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from onestep.checkpoint import image_shape
 from onestep.noise import seeded_noise
 from onestep.provenance import atomic_write_bytes, atomic_write_json
 from onestep.samplers import make_sigmas, SAMPLERS
@@ -25,8 +26,7 @@ def build_pair_cache(teacher, teacher_sha: str, out_dir: str | Path, n_pairs: in
     """snapshots: sigma levels at which to also record the sampler's state (Adv-KD trajectories)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    u = teacher.spec["unet"]
-    shape = (u["channels"], u["resolution"], u["resolution"])
+    shape = image_shape(teacher.spec)
     n_cls = int(getattr(teacher, "num_classes", 0))
     manifest = {"teacher_sha256": teacher_sha, "sampler": sampler, "steps": steps, "shape": list(shape),
                 "num_classes": n_cls, "shard_size": shard_size, "seed0": seed0, "snapshots": list(snapshots),

@@ -27,8 +27,10 @@ def build_method(rc: RunConfig):
         teacher.source_sha256 = meta.get("sha256")
         kwargs["teacher"] = teacher
     if "data" in needs:
+        from onestep.checkpoint import image_shape
+
         res = rc.method_cfg.unet.resolution if hasattr(rc.method_cfg, "unet") else \
-            kwargs["teacher"].spec["unet"]["resolution"]
+            image_shape(kwargs["teacher"].spec)[1]
         kwargs["data"] = load_dataset(rc.data, "train", size=res)
     return cls(rc.method_cfg, **kwargs)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from onestep.checkpoint import image_shape
 from onestep.denoiser import OneStepGenerator
 from training.methods.base import Method
 
@@ -43,8 +44,7 @@ class GeneratorMethod(Method):
         self.teacher = self.frozen_copy(teacher)
         self.teacher_spec = teacher.spec
         self.num_classes = int(getattr(teacher, "num_classes", 0))
-        u = teacher.spec["unet"]
-        self.image_shape = (u["channels"], u["resolution"], u["resolution"])
+        self.image_shape = image_shape(teacher.spec)
         self.sigma_data = float(getattr(teacher, "sigma_data", 0.5))
         self.sigma_min, self.sigma_max = float(teacher.sigma_min), float(teacher.sigma_max)
         gen = OneStepGenerator(self.trainable_copy(teacher), sigma_g)

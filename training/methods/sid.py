@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from onestep.config import OptimConfig
+from onestep.denoiser import raw_network
 from training.methods.common import GeneratorMethod, edm_sigma, edm_weight, karras_sigma_at
 
 
@@ -57,7 +58,7 @@ class SiD(GeneratorMethod):
         if cfg.adversarial:
             if data is None:
                 raise ValueError("SiDA needs real images (data)")
-            fake.net.mid_block.register_forward_hook(self._grab)
+            raw_network(fake).mid_block.register_forward_hook(self._grab)
 
     def _grab(self, module, inputs, output):
         self._bottleneck = output
