@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from onestep.checkpoint import image_shape, load_model, read_metadata
+from onestep.checkpoint import DENOISER_KINDS, image_shape, load_model, read_metadata
 from onestep.noise import seeded_noise
 from onestep.provenance import atomic_write_json, sha256_file, stamp
 
@@ -105,7 +105,7 @@ def export_onnx(model_path: str | Path, out_path: str | Path, graph: str = "auto
     model, meta = load_model(model_path)
     spec = meta["model"]
     if graph == "auto":
-        graph = "denoiser" if spec["kind"] == "edm-denoiser" else "generator"
+        graph = "denoiser" if spec["kind"] in DENOISER_KINDS else "generator"
     num_classes = int(getattr(model, "num_classes", 0))
     shape = image_shape(spec)
     wrapper = (GeneratorGraph if graph == "generator" else DenoiserGraph)(model, precision).eval()

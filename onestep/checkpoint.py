@@ -49,6 +49,18 @@ def _build_edm(spec: dict) -> nn.Module:
                        spec.get("sigma_min", 0.002), spec.get("sigma_max", 80.0))
 
 
+@register_model_kind("diffusers-denoiser")
+def _build_diffusers(spec: dict) -> nn.Module:
+    """A diffusers UNet2DModel (from spec["unet_config"]) + the alphas_cumprod of spec["scheduler"]
+    ({"class_name", "config"}), as a DiffusersEpsDenoiser; see onestep.importer for the spec fields."""
+    from onestep.importer import build_diffusers_denoiser
+
+    return build_diffusers_denoiser(spec)
+
+
+DENOISER_KINDS = ("edm-denoiser", "diffusers-denoiser")
+
+
 @register_model_kind("one-step-generator")
 def _build_generator(spec: dict) -> nn.Module:
     from onestep.denoiser import OneStepGenerator
@@ -77,6 +89,25 @@ def image_shape(spec: dict) -> tuple[int, int, int]:
         u = spec["unet"]
         return (u["channels"], u["resolution"], u["resolution"])
     return tuple(spec["image_shape"])
+
+
+def load_teacher(path: str | os.PathLike, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, verify: bool = True) -> tuple[nn.Module, dict]:
+    """A multi-step teacher D(x, sigma, labels) from our checkpoint file (kind edm-denoiser or diffusers-denoiser)
+    or from a local diffusers folder (pipeline folder with model_index.json, unet/ and scheduler/, or a bare UNet
+    folder with scheduler_config.json beside config.json). Returns (denoiser in eval mode, meta); for a folder
+    meta["sha256"] is a hash over its weight files and meta["source"] its provenance."""
+    path = Path(path)
+    if path.is_dir():
+        from onestep.importer import load_diffusers_folder
+
+        model, meta = load_diffusers_folder(path)
+    else:
+        model, meta = load_model(path, verify=verify)
+        kind = meta["model"].get("kind")
+        if kind not in DENOISER_KINDS:
+            raise CheckpointError(f"{path} holds a {kind!r} model; a teacher is one of {DENOISER_KINDS}")
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False), meta
 
 
 def denoiser_spec(denoiser: nn.Module) -> dict:

@@ -5,6 +5,10 @@ onnxruntime one inside the serving path (numpy), so a served N-step teacher is t
 Every sampler takes UNIT noise z (from `onestep.noise.seeded_noise`) and starts from x = sigma_0 * z, so the
 same seeds drive the teacher at any step count and the one-step student. Sigmas are a decreasing float64
 numpy array ending in 0 (the last step returns the denoised image).
+
+A second, opt-in noise convention reproduces diffusers' DDIMPipeline exactly (`noise_convention="diffusers"`,
+see `sample_ddim_diffusers`): the noise is DDIM's x_T, drawn with torch generators (`diffusers_noise`), and the
+timesteps are those of DDIMScheduler.set_timesteps. The default convention stays ours (docs/teachers.md).
 """
 
 from __future__ import annotations
@@ -88,14 +92,34 @@ def _as_f32(noise):
     return noise.astype(np.float32, copy=False) if isinstance(noise, np.ndarray) else noise.float()
 
 
+def _infinite_first_step(denoiser: Denoiser, z, sigmas, labels):
+    """The step from sigma_0 = inf (zero-terminal-SNR schedules) to sigma_1, exactly.
+
+    x_sigma = x0 + sigma z has no finite VE state at sigma = inf; its VP state x_sigma / sqrt(1 + sigma^2) -> z.
+    The denoiser reads x as that VP state at sigma = inf (DiffusersEpsDenoiser), and the DDIM direction
+    (x - D) / sigma -> z, so x_1 = D(z, inf) + sigma_1 z (DDIM with abar_T = 0: x_vp,1 = sqrt(abar_1) x0_hat +
+    sqrt(1 - abar_1) z)."""
+    x0 = denoiser(z, _batch_sigma(math.inf, z), labels)
+    return x0 + sigmas[1] * z
+
+
+def _start(denoiser: Denoiser, noise, sigmas, labels):
+    """x at sigmas[i0] and the index i0 of the next step: x = sigma_0 z, or the exact infinite first step."""
+    z = _as_f32(noise)
+    if math.isinf(sigmas[0]):
+        return _infinite_first_step(denoiser, z, sigmas, labels), 1
+    return z * sigmas[0], 0
+
+
 def sample_euler(denoiser: Denoiser, noise, sigmas, labels=None, progress: bool = False):
     """Euler on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (EDM Eq. 3 with sigma(t)=t).
 
     With sigmas taken from a DDPM schedule this is deterministic DDIM (eta = 0). NFE = len(sigmas) - 1.
+    A first sigma of inf (zero terminal SNR) is stepped exactly (`_infinite_first_step`).
     """
     sigmas = [float(s) for s in sigmas]
-    x = _as_f32(noise) * sigmas[0]
-    steps = range(len(sigmas) - 1)
+    x, i0 = _start(denoiser, noise, sigmas, labels)
+    steps = range(i0, len(sigmas) - 1)
     if progress:
         from tqdm import tqdm
         steps = tqdm(steps, desc="euler", leave=False)
@@ -109,11 +133,12 @@ def sample_euler(denoiser: Denoiser, noise, sigmas, labels=None, progress: bool 
 def sample_heun(denoiser: Denoiser, noise, sigmas, labels=None, progress: bool = False):
     """EDM Algorithm 1 (deterministic, S_churn = 0): Heun's 2nd-order method, Euler on the last step.
 
-    NFE = 2 * (len(sigmas) - 1) - 1.
+    NFE = 2 * (len(sigmas) - 1) - 1. A first sigma of inf (zero terminal SNR) is stepped exactly with the DDIM
+    step (`_infinite_first_step`; no trapezoid exists over an infinite interval), one NFE fewer.
     """
     sigmas = [float(s) for s in sigmas]
-    x = _as_f32(noise) * sigmas[0]
-    steps = range(len(sigmas) - 1)
+    x, i0 = _start(denoiser, noise, sigmas, labels)
+    steps = range(i0, len(sigmas) - 1)
     if progress:
         from tqdm import tqdm
         steps = tqdm(steps, desc="heun", leave=False)
@@ -126,6 +151,110 @@ def sample_heun(denoiser: Denoiser, noise, sigmas, labels=None, progress: bool =
             x_next = x + (s_next - s) * (0.5 * d + 0.5 * d_next)
         x = x_next
     return x
+
+
+# --- diffusers' DDIMPipeline, reproduced -------------------------------------------------------------------
+DDIM_DEFAULTS = {"num_train_timesteps": 1000, "timestep_spacing": "leading", "steps_offset": 0, "clip_sample": True,
+                 "clip_sample_range": 1.0, "set_alpha_to_one": True, "thresholding": False}
+
+
+def ddim_timesteps(n: int, num_train_timesteps: int = 1000, timestep_spacing: str = "leading",
+                   steps_offset: int = 0) -> np.ndarray:
+    """DDIMScheduler.set_timesteps, integer for integer (decreasing):
+    leading:  t_i = i * (T // n) + steps_offset, i = n-1 .. 0
+    trailing: t_i = round(T - i T / n) - 1,       i = 0 .. n-1
+    linspace: t_i = round(linspace(0, T - 1, n))  reversed."""
+    T = int(num_train_timesteps)
+    if not 1 <= n <= T:
+        raise ValueError(f"steps must be in [1, {T}] (num_train_timesteps), got {n}")
+    if timestep_spacing == "leading":
+        t = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + int(steps_offset)
+    elif timestep_spacing == "trailing":
+        t = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+    elif timestep_spacing == "linspace":
+        t = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+    else:
+        raise ValueError(f"timestep_spacing {timestep_spacing!r} is not one DDIMScheduler supports "
+                         f"(leading, trailing, linspace)")
+    if t.max() > T - 1 or t.min() < 0:
+        raise ValueError(f"timesteps {t.tolist()} leave [0, {T - 1}] (steps_offset {steps_offset})")
+    return t.copy()
+
+
+def ddim_config(config: dict | None) -> dict:
+    """The DDIMScheduler settings DDIM parity depends on, defaults filled in (DDIMScheduler's own defaults)."""
+    cfg = dict(DDIM_DEFAULTS)
+    cfg.update({k: v for k, v in (config or {}).items() if k in DDIM_DEFAULTS and v is not None})
+    return cfg
+
+
+def diffusers_ddim_plan(train_sigmas, config: dict | None, n: int):
+    """(timesteps, sigma_t, sigma_prev) of DDIMPipeline with n steps.
+
+    DDIMScheduler.step at timestep t steps to prev = t - T // n (whatever the spacing), with abar_prev =
+    alphas_cumprod[prev] if prev >= 0 else (1 if set_alpha_to_one else alphas_cumprod[0]); the next call then
+    reads that state at the next listed timestep. sigma = sqrt((1 - abar) / abar); sigma_prev is 0 for abar = 1.
+    """
+    cfg = ddim_config(config)
+    ts = np.asarray(train_sigmas, dtype=np.float64)
+    T = len(ts)
+    if int(cfg["num_train_timesteps"]) != T:
+        raise ValueError(f"scheduler num_train_timesteps {cfg['num_train_timesteps']} != {T} training sigmas")
+    if cfg["thresholding"]:
+        raise ValueError("DDIM dynamic thresholding (thresholding=True) is not reproduced; only clip_sample is")
+    t = ddim_timesteps(n, T, cfg["timestep_spacing"], cfg["steps_offset"])
+    prev = t - T // n
+    final = 0.0 if cfg["set_alpha_to_one"] else float(ts[0])
+    s_prev = np.where(prev >= 0, ts[np.clip(prev, 0, T - 1)], final)
+    return t, ts[t], s_prev
+
+
+def sample_ddim_diffusers(denoiser: Denoiser, noise, sigma_t, sigma_prev, labels=None,
+                          clip_range: float | None = None, progress: bool = False):
+    """DDIMPipeline (eta = 0) in VE form, from DDIM's x_T = noise (unit, VP). Returns the VP sample it returns
+    (before its `/ 2 + 0.5` and clamp).
+
+    Per step (Song et al. 2021, Eq. 12 with eta = 0, written with sigma = sqrt((1 - abar) / abar)):
+      x = sqrt(1 + sigma_t^2) x_vp                          (VP -> VE at the listed timestep)
+      D = D(x, sigma_t);  eps_hat = (x - D) / sigma_t         (the model's eps; not recomputed after clipping)
+      x0_hat = clip(D, -r, r) if clip_sample else D
+      x_prev = x0_hat + sigma_prev eps_hat;  x_vp = x_prev / sqrt(1 + sigma_prev^2)
+    At sigma_t = inf (zero terminal SNR) x is x_vp itself and eps_hat = x_vp (the limit of (x - D) / sigma).
+    """
+    sigma_t = [float(s) for s in sigma_t]
+    sigma_prev = [float(s) for s in sigma_prev]
+    x_vp = _as_f32(noise)
+    is_np = isinstance(x_vp, np.ndarray)
+    steps = range(len(sigma_t))
+    if progress:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc="ddim (diffusers)", leave=False)
+    for i in steps:
+        s, sp = sigma_t[i], sigma_prev[i]
+        if math.isinf(s):
+            x = x_vp
+            d = denoiser(x, _batch_sigma(s, x), labels)
+            eps = x_vp
+        else:
+            x = x_vp * math.sqrt(1.0 + s * s)
+            d = denoiser(x, _batch_sigma(s, x), labels)
+            eps = (x - d) / s
+        if clip_range is not None:
+            d = np.clip(d, -clip_range, clip_range) if is_np else d.clamp(-clip_range, clip_range)
+        x_vp = (d + sp * eps) / math.sqrt(1.0 + sp * sp)
+    return x_vp
+
+
+def diffusers_noise(seeds, shape):
+    """DDIM's x_T as DDIMPipeline draws it with one generator per sample: torch.randn((1, C, H, W),
+    generator=torch.Generator().manual_seed(seed)) for each seed, concatenated (float32, CPU)."""
+    import torch
+
+    shape = tuple(int(d) for d in shape)
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        return torch.zeros((0, *shape))
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 def sample_onestep(generator: Callable[..., Any], noise, labels=None):
@@ -147,10 +276,53 @@ def steps_for_nfe(sampler: str, target_nfe: int) -> int:
     return max(1, target_nfe)
 
 
+NOISE_CONVENTIONS = ("ours", "diffusers")
+
+
+def _check_finite(x):
+    ok = bool(np.isfinite(x).all()) if isinstance(x, np.ndarray) else bool(x.isfinite().all())
+    if not ok:
+        raise FloatingPointError("sampling produced non-finite values (NaN or inf): the model or schedule diverged")
+    return x
+
+
 def sample(denoiser: Denoiser, noise, labels=None, sampler: str = "heun", steps: int = 18,
-           schedule: str = "karras", sigma_min: float | None = None, sigma_max: float | None = None,
-           rho: float = 7.0, progress: bool = False):
-    """Front door: builds the schedule from the denoiser's sigma range and runs a sampler (no autograd)."""
+           schedule: str | None = None, sigma_min: float | None = None, sigma_max: float | None = None,
+           rho: float = 7.0, progress: bool = False, noise_convention: str = "ours"):
+    """Front door: builds the schedule from the denoiser's sigma range and runs a sampler (no autograd).
+
+    noise_convention="ours" (default): `noise` is unit noise z, x = sigma_0 z, `schedule` (default karras).
+    noise_convention="diffusers": the denoiser's DDIMPipeline, exactly (DiffusersEpsDenoiser only): `noise` is
+    DDIM's x_T (see `diffusers_noise`), x = sqrt(1 + sigma_0^2) x_T, timesteps, clip_sample and set_alpha_to_one
+    from its scheduler config; sampler must be ddim (or euler, the same update) and `schedule` None. Returns
+    what the pipeline computes before its `/ 2 + 0.5` and clamp.
+    A non-finite result raises FloatingPointError.
+    """
+    if noise_convention not in NOISE_CONVENTIONS:
+        raise ValueError(f"unknown noise_convention {noise_convention!r} ({', '.join(NOISE_CONVENTIONS)})")
+    if noise_convention == "diffusers":
+        cfg = getattr(denoiser, "scheduler_config", None)
+        if cfg is None or getattr(denoiser, "train_sigmas", None) is None:
+            raise ValueError("noise_convention='diffusers' needs a diffusers teacher (a DiffusersEpsDenoiser with "
+                             "its scheduler config)")
+        if sampler not in ("ddim", "euler"):
+            raise ValueError(f"noise_convention='diffusers' reproduces DDIM (eta 0): sampler must be ddim, "
+                             f"not {sampler!r}")
+        if schedule not in (None, "diffusers"):
+            raise ValueError(f"noise_convention='diffusers' takes its timesteps from the scheduler config; "
+                             f"do not pass schedule={schedule!r}")
+        ts = denoiser.train_sigmas
+        ts = ts if isinstance(ts, np.ndarray) else ts.detach().cpu().double().numpy()
+        _, s_t, s_prev = diffusers_ddim_plan(ts, cfg, steps)
+        c = ddim_config(cfg)
+        clip = float(c["clip_sample_range"]) if c["clip_sample"] else None
+        if isinstance(noise, np.ndarray):
+            return _check_finite(sample_ddim_diffusers(denoiser, noise, s_t, s_prev, labels, clip, progress))
+        import torch
+
+        with torch.no_grad():
+            return _check_finite(sample_ddim_diffusers(denoiser, noise, s_t, s_prev, labels, clip, progress))
+    schedule = schedule or "karras"
     smin = sigma_min if sigma_min is not None else getattr(denoiser, "sigma_min", 0.002)
     smax = sigma_max if sigma_max is not None else getattr(denoiser, "sigma_max", 80.0)
     train_sigmas = getattr(denoiser, "train_sigmas", None)
@@ -161,8 +333,8 @@ def sample(denoiser: Denoiser, noise, labels=None, sampler: str = "heun", steps:
     if fn is None:
         raise ValueError(f"unknown sampler {sampler!r} ({', '.join(SAMPLERS)})")
     if isinstance(noise, np.ndarray):
-        return fn(denoiser, noise, sigmas, labels, progress)
+        return _check_finite(fn(denoiser, noise, sigmas, labels, progress))
     import torch
 
     with torch.no_grad():
-        return fn(denoiser, noise, sigmas, labels, progress)
+        return _check_finite(fn(denoiser, noise, sigmas, labels, progress))
