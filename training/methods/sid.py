@@ -2,14 +2,20 @@
 
 Three nets, all copies of the teacher at start: the frozen teacher f_phi, a fake score f_psi and the
 generator G(z) = D_theta(sigma_init z, sigma_init) with sigma_init = 2.5.
-- fake-score step: EDM denoising loss on generated images (ln sigma ~ N(-1.2, 1.2^2), EDM weighting);
-- generator step: x_t = G(z) + sigma n with sigma on the Karras grid, t ~ U[0, t_max/1000];
+Every iteration: one fake-score step, then one generator step (SiD Algorithm 1).
+- fake-score step: EDM denoising loss on generated images, ln sigma ~ N(P_mean, P_std^2), weight
+  lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 (SiD Eq. 9 with EDM's weighting);
+- generator step: x_t = G(z) + sigma n with t ~ U[0, t_max/1000] on the Karras grid;
   per-pixel loss (f_phi(x_t) - f_psi(x_t)) * ((f_phi(x_t) - x_g) - alpha (f_phi(x_t) - f_psi(x_t))),
   divided by the stop-gradient per-sample scale mean|x_g - f_phi(x_t)|, summed over pixels
-  (SiD Eq. 13 with alpha = 1.2; SiDA uses alpha = 1.0).
-- SiDA: the fake score's encoder (UNet bottleneck, mean over channels -> a map of logits) doubles as a
-  discriminator between noised real and noised generated images; non-saturating losses. The generator adds
-  its GAN term weighted by lambda_adv * (pixels per image) and after the warm-up mixes 0.5 SiD + 0.5 GAN.
+  (SiD Eq. 13/14 with alpha = 1.2; SiDA uses alpha = 1.0).
+- SiDA (Sec. 3): the fake score's encoder output (mean over channels: a map of logits) doubles as a
+  discriminator between real and generated images noised with the SAME sigma and noise as the fake-score
+  step; its loss lambda(sigma) (BCE_real + BCE_fake) / 2 is added to the fake score's DSM loss (weight
+  lambda_d against the pixel-summed DSM). The generator's adversarial term is the batch-mean non-saturating
+  BCE of the logits of its own noised sample x_t, divided by the same per-sample scale as the SiD term and
+  multiplied by the pixel count, weighted lambda_adv against lambda_sid for the SiD term. Until the mix-in
+  point the generator trains on SiD alone; after it on 0.5 SiD + 0.5 GAN.
 The SiD loss can be negative and does not show convergence: watch the sample metric instead.
 """
 
@@ -32,12 +38,27 @@ class SiDConfig:
     t_max: float = 800.0  # of 1000: sigma <= ~24 for sigma_max = 80
     P_mean: float = -1.2
     P_std: float = 1.2
-    fake_warmup: int = 50  # iterations of fake-score training before the generator starts
+    fake_warmup: int = 0  # iterations of fake-score (and discriminator) training before the generator steps
     adversarial: bool = False  # SiDA
-    lambda_adv: float = 0.01  # GAN weight per pixel (SiDA)
-    adv_mix_after: int = 0  # after this many generator iterations: 0.5 * SiD + 0.5 * GAN (SiDA)
+    lambda_sid: float = 100.0  # weight of the pixel-summed SiD term (only lambda_adv / lambda_sid matters)
+    lambda_adv: float = 0.01  # weight of the generator's GAN term per pixel (SiDA)
+    lambda_d: float = 1.0  # weight of the discriminator loss against the pixel-summed DSM loss (SiDA)
+    adv_mix_after: int = 0  # generator iterations on SiD alone before 0.5 * SiD + 0.5 * GAN (SiDA)
     optim_generator: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, betas=(0.0, 0.999)))
     optim_fake: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, betas=(0.0, 0.999)))
+
+
+def sid_generator_loss(x_g: torch.Tensor, f_phi: torch.Tensor, f_psi: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SiD's generator loss per sample (SiD Eq. 14): sum over pixels of
+    (f_phi - f_psi) * ((f_phi - x_g) - alpha (f_phi - f_psi)) / sg(mean|x_g - f_phi|)."""
+    scale = sid_scale(x_g, f_phi)
+    per_pixel = (f_phi - f_psi) * ((f_phi - x_g) - alpha * (f_phi - f_psi)) / scale
+    return torch.nan_to_num(per_pixel).flatten(1).sum(1)
+
+
+def sid_scale(x_g: torch.Tensor, f_phi: torch.Tensor) -> torch.Tensor:
+    """The stop-gradient per-sample normaliser mean|x_g - f_phi(x_t)| (SiD Eq. 14), shape (N, 1, 1, 1)."""
+    return (x_g.detach() - f_phi.detach()).abs().flatten(1).mean(1).clamp_min(1e-5).reshape(-1, 1, 1, 1)
 
 
 class SiD(GeneratorMethod):
@@ -54,14 +75,15 @@ class SiD(GeneratorMethod):
         fake = self.trainable_copy(teacher)
         self.trainable["fake"] = fake
         self.data = data if cfg.adversarial else None
-        self._bottleneck = None
+        self._encoder_out = None
         if cfg.adversarial:
             if data is None:
                 raise ValueError("SiDA needs real images (data)")
-            raw_network(fake).mid_block.register_forward_hook(self._grab)
+            # the encoder's output is the last down block's hidden state (before the middle blocks)
+            raw_network(fake).down_blocks[-1].register_forward_hook(self._grab)
 
     def _grab(self, module, inputs, output):
-        self._bottleneck = output
+        self._encoder_out = output[0] if isinstance(output, tuple) else output
 
     def optim_config(self, name):
         return self.cfg.optim_generator if name == "generator" else self.cfg.optim_fake
@@ -77,10 +99,11 @@ class SiD(GeneratorMethod):
     def device_of(self):
         return next(self.trainable["generator"].parameters()).device
 
-    def _logits(self, x_t, sigma, labels):
-        """Discriminator logits from the fake score's encoder: bottleneck mean over channels, one per position."""
-        self.trainable["fake"](x_t, sigma, labels)
-        return self._bottleneck.float().mean(1).flatten(1)
+    def fake_with_logits(self, x_t, sigma, labels):
+        """One pass of the fake score: its denoised output and the discriminator logits (SiDA Sec. 3: the
+        encoder output averaged over channels, one logit per position)."""
+        out = self.trainable["fake"](x_t, sigma, labels)
+        return out.float(), self._encoder_out.float().mean(1).flatten(1)
 
     def step(self, batch, it, phase):
         labels = batch["labels"]
@@ -88,41 +111,39 @@ class SiD(GeneratorMethod):
             x_g = self._generate(batch, grad=False).detach()
             sigma = edm_sigma(len(x_g), x_g.device, self.cfg.P_mean, self.cfg.P_std)
             s = sigma.reshape(-1, 1, 1, 1)
-            x_t = x_g + torch.randn_like(x_g) * s
-            out = self.trainable["fake"](x_t, sigma, labels)
-            dsm = (edm_weight(s, self.sigma_data) * (out.float() - x_g) ** 2).flatten(1).mean(1).mean()
-            losses = {"loss": dsm, "dsm": dsm}
-            if self.cfg.adversarial:
-                sig_d = self._gen_sigma(len(x_g), x_g.device).reshape(-1, 1, 1, 1)
-                real = batch["x"]
-                l_real = self._logits(real + torch.randn_like(real) * sig_d, sig_d.flatten(), labels)
-                l_fake = self._logits(x_g + torch.randn_like(x_g) * sig_d, sig_d.flatten(), labels)
-                d_loss = (F.softplus(-l_real).mean(1) + F.softplus(l_fake).mean(1)).mean()
-                # DSM above is a per-pixel MEAN, so "lambda_adv per pixel" is lambda_adv * d_loss here
-                losses.update(loss=dsm + self.cfg.lambda_adv * d_loss, d_loss=d_loss,
-                              d_real_acc=(l_real > 0).float().mean(), d_fake_acc=(l_fake < 0).float().mean())
-            return losses
+            n = torch.randn_like(x_g) * s
+            weight = edm_weight(s, self.sigma_data)
+            if not self.cfg.adversarial:
+                out = self.trainable["fake"](x_g + n, sigma, labels).float()
+                dsm = (weight * (out - x_g) ** 2).flatten(1).mean(1).mean()
+                return {"loss": dsm, "dsm": dsm}
+            out, l_fake = self.fake_with_logits(x_g + n, sigma, labels)
+            dsm = (weight * (out - x_g) ** 2).flatten(1).mean(1).mean()
+            _, l_real = self.fake_with_logits(batch["x"] + n, sigma, labels)  # same sigma and noise as the fake
+            # SiDA: lambda(sigma) (BCE(real, 1) + BCE(fake, 0)) / 2, each BCE a mean over the batch's logits
+            d_loss = weight.flatten().mean() * (F.softplus(-l_real).mean() + F.softplus(l_fake).mean()) / 2
+            pix = x_g[0].numel()  # the DSM above is a per-pixel MEAN; lambda_d weighs d_loss against the SUM
+            return {"loss": dsm + self.cfg.lambda_d * d_loss / pix, "dsm": dsm, "d_loss": d_loss,
+                    "d_real_acc": (l_real > 0).float().mean(), "d_fake_acc": (l_fake < 0).float().mean()}
         # generator step
         x_g = self._generate(batch, grad=True)
         sigma = self._gen_sigma(len(x_g), x_g.device)
-        s = sigma.reshape(-1, 1, 1, 1)
-        x_t = x_g + torch.randn_like(x_g) * s
+        x_t = x_g + torch.randn_like(x_g) * sigma.reshape(-1, 1, 1, 1)
         f_phi = self.teacher(x_t, sigma, labels).float()
-        f_psi = self.trainable["fake"](x_t, sigma, labels).float()
-        scale = (x_g.detach() - f_phi.detach()).abs().flatten(1).mean(1).clamp_min(1e-8).reshape(-1, 1, 1, 1)
-        per_pixel = (f_phi - f_psi) * ((f_phi - x_g) - self.cfg.alpha * (f_phi - f_psi)) / scale
-        sid = torch.nan_to_num(per_pixel).flatten(1).sum(1).mean()
-        losses = {"sid": sid}
-        if self.cfg.adversarial:
-            pix = x_g[0].numel()
-            logits = self._logits(x_t, sigma, labels)
-            gan = F.softplus(-logits).mean(1).mean()
-            gan_w = self.cfg.lambda_adv * pix * gan  # SiD above is a per-pixel SUM: weight lambda_adv per pixel
-            mixed = it >= self.cfg.fake_warmup + self.cfg.adv_mix_after
-            losses.update(loss=0.5 * sid + 0.5 * gan_w if mixed else sid + gan_w, gan=gan)
-        else:
-            losses["loss"] = sid
-        return losses
+        if not self.cfg.adversarial:
+            f_psi = self.trainable["fake"](x_t, sigma, labels).float()
+            sid = sid_generator_loss(x_g.float(), f_phi, f_psi, self.cfg.alpha).mean()
+            return {"loss": sid, "sid": sid}
+        f_psi, logits = self.fake_with_logits(x_t, sigma, labels)
+        sid = sid_generator_loss(x_g.float(), f_phi, f_psi, self.cfg.alpha).mean()
+        # SiDA: batch-mean non-saturating BCE (logits clamped to [-10, 10]), divided per sample by SiD's scale,
+        # times the pixel count; weight lambda_adv against lambda_sid for the pixel-summed SiD term
+        bce = F.softplus(-logits.clamp(-10, 10)).mean()
+        gan = (bce / sid_scale(x_g, f_phi).flatten()).mean() * x_g[0].numel()
+        gan_w = (self.cfg.lambda_adv / self.cfg.lambda_sid) * gan
+        mixed = it >= self.cfg.fake_warmup + self.cfg.adv_mix_after
+        return {"loss": 0.5 * sid + 0.5 * gan_w if mixed else sid, "sid": sid, "gan": bce,
+                "gan_weighted": gan_w}
 
     def _gen_sigma(self, n, device):
         t = torch.rand(n, device=device) * (self.cfg.t_max / 1000.0)
