@@ -55,15 +55,15 @@ def generate(model, meta: dict, sampler: str, steps: int, n: int, batch: int = 2
 
 
 def evaluate(model_path: str, points, n: int, inception_points=(), n_inception: int | None = None,
-             grid_dir: Path | None = None, progress: bool = True, guidance: float = 0.0,
-             blur_sigma: float = 1.0) -> dict:
+             grid_dir: Path | None = None, progress: bool = True, guidance: float = 1.0,
+             blur_sigma: float = 3.0) -> dict:
     from onestep.checkpoint import load_model
     from onestep.images import save_grid
     from onestep.metrics import ClassifierFeatures, InceptionFeatures, evaluate_images, real_baseline
     from onestep.samplers import nfe
 
     model, meta = load_model(model_path)
-    if guidance:  # the teacher with SFERD's attention guidance (what fmnist-sferd's targets are sampled from)
+    if guidance != 1.0:  # the teacher with SFERD's attention guidance (what fmnist-sferd's targets are sampled from)
         from training.methods.attention_guidance import AttentionGuidedDenoiser
 
         model = AttentionGuidedDenoiser(model.float(), guidance, blur_sigma)
@@ -71,7 +71,7 @@ def evaluate(model_path: str, points, n: int, inception_points=(), n_inception: 
     inc = InceptionFeatures() if inception_points else None
     n_inc = n_inception or n
     res = {"model": model_path, "model_sha256": meta.get("sha256"), "n": n, "n_inception": n_inc,
-           "attention_guidance": {"w": guidance, "blur_sigma": blur_sigma} if guidance else None,
+           "attention_guidance": {"w": guidance, "blur_sigma": blur_sigma} if guidance != 1.0 else None,
            "baselines": {"classifier": real_baseline(extractor=clf, n=n)}, "rows": []}
     if inc is not None:
         res["baselines"]["inception"] = real_baseline(extractor=inc, n=n_inc, progress=progress)
@@ -134,9 +134,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--n-inception", type=int, default=None, help="images per Inception point (default --n)")
     ap.add_argument("--out", required=True, help="output stem: writes STEM.json, STEM.md and grids in STEM-grids/")
     ap.add_argument("--title", default="Sample quality vs NFE")
-    ap.add_argument("--guidance", type=float, default=0.0,
-                    help="sample a teacher with SFERD's attention guidance of this weight w (0 = off)")
-    ap.add_argument("--blur-sigma", type=float, default=1.0, help="blur of the attention guidance")
+    ap.add_argument("--guidance", type=float, default=1.0,
+                    help="sample a teacher with SFERD's attention guidance eps_deg + w (eps - eps_deg) (1 = off)")
+    ap.add_argument("--blur-sigma", type=float, default=3.0, help="blur of the attention guidance")
 
 
 def run(args) -> int:

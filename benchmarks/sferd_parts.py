@@ -3,7 +3,7 @@ alone, of the exported student (latent from the tiny latent model) and of the st
 of the true target (an upper bound the latent model tries to reach).
 
     python -m benchmarks.sferd_parts --model runs/sferd/model-best.safetensors \
-        --cache runs/pairs-fmnist-euler8-ag0.2 --holdout 200 --out benchmarks/results/sferd_parts
+        --cache runs/pairs-fmnist-euler8-ag1.3 --holdout 200 --out benchmarks/results/sferd_parts
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         draft = model.generator(z, labels)
         outs = {"draft generator alone": draft, "exported student (latent model)": model(z, labels),
-                "with the encoder's latent of the target (bound)": model.refine(draft, model.encoder(x0), labels)}
+                "with the encoder's latent of the target (bound)": model.refine(z, draft, model.encoder(x0), labels)}
         rows = [{"variant": k, "heldout_l1": float((v.clamp(-1, 1) - x0).abs().mean())} for k, v in outs.items()]
     res = {"model": args.model, "cache": args.cache, "n": len(z), "rows": rows,
            "command": "python -m benchmarks.sferd_parts " + " ".join(sys.argv[1:] if argv is None else argv),

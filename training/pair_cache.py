@@ -1,4 +1,4 @@
-"""Teacher (noise, image) pairs for offline distillation (Denoising Student, Adv-KD).
+"""Teacher (noise, image) pairs for offline distillation (Denoising Student, SFERD, Adv-KD).
 
 Shard k holds seeds [k*S, (k+1)*S): z in fp16 (the teacher was run on exactly these fp16-rounded values),
 x0 = teacher sample in fp16, labels, seeds. Each shard is written atomically, so a killed build resumes
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,42 @@ from onestep.provenance import atomic_write_bytes, atomic_write_json
 from onestep.samplers import make_sigmas, SAMPLERS
 
 
+@dataclass(frozen=True)
+class PairCacheConfig:
+    """What every offline method (Denoising Student, SFERD, Adv-KD) declares about its teacher pair cache.
+
+    Defaults are Luhman & Luhman 2021 (Sec. 4): deterministic DDIM (eta = 0, i.e. Euler on the probability-flow
+    ODE) with 100 steps on the quadratic timestep spacing of Song et al. 2021 (t_i ~ (i/S)^2 * 0.8 T).
+    Methods override them where their paper differs."""
+
+    cache_dir: str = "runs/pair-cache"
+    n_pairs: int = 10_000
+    holdout: int = 500  # the last `holdout` pairs: the held-out set that selects the shipped EMA checkpoint
+    teacher_sampler: str = "ddim"  # ddim (== euler) | euler | heun
+    teacher_steps: int = 100
+    teacher_schedule: str = "ddim-quadratic"  # onestep.samplers.make_sigmas: karras | loglinear | ddim-*
+    cache_batch: int = 250
+
+
+def teacher_sigmas(teacher, schedule: str, steps: int) -> np.ndarray:
+    """The sampler's sigma grid (decreasing, ending in 0). DDIM spacings select timesteps of the teacher's own
+    discrete training schedule when it has one (a diffusers DDPM teacher); otherwise of the linear-beta DDPM
+    schedule (Ho et al. 2020) the papers' teachers used, keeping only levels within the teacher's sigma range."""
+    train = getattr(teacher, "train_sigmas", None)
+    if train is not None and not isinstance(train, np.ndarray):
+        train = train.detach().cpu().double().numpy()
+    sig = make_sigmas(schedule, steps, float(teacher.sigma_min), float(teacher.sigma_max), train_sigmas=train)
+    if schedule.startswith("ddim-") and train is None:
+        keep = sig[:-1][sig[:-1] <= float(teacher.sigma_max) * (1 + 1e-6)]
+        if len(keep) == 0:
+            raise ValueError(f"schedule {schedule!r} has no level within the teacher's sigma range")
+        sig = np.append(keep, 0.0)
+    return sig
+
+
 def build_pair_cache(teacher, teacher_sha: str, out_dir: str | Path, n_pairs: int, sampler: str = "heun",
                      steps: int = 18, shard_size: int = 500, batch: int = 250, seed0: int = 0,
-                     progress: bool = True, snapshots: tuple[float, ...] = ()) -> dict:
+                     progress: bool = True, snapshots: tuple[float, ...] = (), schedule: str = "karras") -> dict:
     """snapshots: sigma levels at which to also record the sampler's state (Adv-KD trajectories)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -30,7 +64,7 @@ def build_pair_cache(teacher, teacher_sha: str, out_dir: str | Path, n_pairs: in
     n_cls = int(getattr(teacher, "num_classes", 0))
     manifest = {"teacher_sha256": teacher_sha, "sampler": sampler, "steps": steps, "shape": list(shape),
                 "num_classes": n_cls, "shard_size": shard_size, "seed0": seed0, "snapshots": list(snapshots),
-                "schedule": "karras", "sigma_min": teacher.sigma_min, "sigma_max": teacher.sigma_max}
+                "schedule": schedule, "sigma_min": teacher.sigma_min, "sigma_max": teacher.sigma_max}
     mf = out / "cache.json"
     if mf.exists():
         old = json.loads(mf.read_text())
@@ -39,7 +73,7 @@ def build_pair_cache(teacher, teacher_sha: str, out_dir: str | Path, n_pairs: in
             raise ValueError(f"{out} holds pairs of another teacher/sampler; use a new folder")
         n_pairs = max(n_pairs, old_n or 0)
     atomic_write_json(mf, {**manifest, "n_pairs": n_pairs})
-    sigmas = make_sigmas("karras", steps, teacher.sigma_min, teacher.sigma_max)
+    sigmas = teacher_sigmas(teacher, schedule, steps)
     n_shards = (n_pairs + shard_size - 1) // shard_size
     todo = [k for k in range(n_shards) if not (out / f"pairs-{k:05d}.npz").exists()]
     bar = None

@@ -1,13 +1,15 @@
-"""Adv-KD (Adversarial Knowledge Distillation, arXiv 2405.20675), implemented from the paper.
+"""Adv-KD (Adversarial Knowledge Distillation for Faster Diffusion Sampling, Mekonnen et al., arXiv 2405.20675).
 
 Offline like Denoising Student: teacher trajectories are sampled once into the sharded, resumable pair cache,
 with snapshots of the sampler state at the sigmas in `snapshots` (stored VP-scaled, x / sqrt(1 + sigma^2)).
-A small randomly initialised StagedGenerator (training/methods/advkd_nets.py) has one head per snapshot plus a
-final head for the teacher's sample. Training is stage-wise: during stage k
-- generator: sum_{j <= k} L1(head_j(z), target_j) + lambda_adv * softplus(-D(head_k(z), z))   (non-saturating)
-- discriminator: softplus(-D(target_k, z)) + softplus(D(head_k(z), z)) + gamma/2 * ||grad_x D(target_k, z)||^2
-  (R1 gradient penalty on real samples), where D is conditioned on the down-sampled starting noise z, the
-  label and the stage. The final head is the one-step student; held-out L1 to the teacher selects the checkpoint.
+A small randomly initialised StagedGenerator (training/methods/advkd_nets.py) has one block + head per snapshot
+plus a final one for the teacher's sample. Training goes stage by stage; stage k has its OWN discriminator D_k,
+conditioned on the starting noise z, and trains only block k and head k (earlier stages are frozen):
+- discriminator: softplus(-D_k(y_k, z)) + softplus(D_k(G_k(z), z)) + lambda_gp * E[(||grad_x D_k(x_hat, z)|| - 1)^2],
+  x_hat a random interpolate of real y_k and fake G_k(z) (gradient penalty), then weights clipped to +-0.1;
+- generator: softplus(-D_k(G_k(z), z)) (non-saturating), optionally + lambda_rec * ||G_k(z) - y_k||_1.
+Here y_k is teacher snapshot k at head k's resolution (the teacher's sample for the last stage), clamped to
+[-1, 1]. The final head is the one-step student; held-out L1 to the teacher selects the shipped checkpoint.
 """
 
 from __future__ import annotations
@@ -19,51 +21,60 @@ import torch.nn.functional as F
 
 from onestep.config import OptimConfig
 from training.methods.advkd_nets import NoiseConditionedDiscriminator, StagedGenerator, staged_spec
-from training.methods.denoising_student import DenoisingStudent, DenoisingStudentConfig
+from training.methods.denoising_student import DenoisingStudent
+from training.pair_cache import PairCacheConfig
 
 
 @dataclass(frozen=True)
-class AdvKDConfig:
+class AdvKDConfig(PairCacheConfig):
     cache_dir: str = "runs/pairs-advkd"
-    n_pairs: int = 10_000
-    holdout: int = 500
     teacher_sampler: str = "euler"
     teacher_steps: int = 8
+    teacher_schedule: str = "karras"
     snapshots: tuple[float, ...] = (10.0, 2.0, 0.5)  # one generator stage per snapshot, then the final sample
     width: int = 32  # student size (the ablation knob)
     disc_width: int = 32
     stage_steps: tuple[int, ...] = (100, 100, 150, 450)  # iterations per stage; the last stage runs to the end
-    lambda_adv: float = 0.05
-    r1_gamma: float = 1.0
-    loss: str = "l1"
-    cache_batch: int = 250
-    optim_generator: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, betas=(0.5, 0.99),
-                                                                               warmup_steps=50))
-    optim_disc: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, betas=(0.5, 0.99)))
+    freeze_earlier_stages: bool = True  # False: blocks of earlier stages keep training (the reference code)
+    noise_at_every_stage: bool = True  # z pooled to every block's resolution; False: only at the first block
+    tanh_heads: bool = True  # heads end in tanh, targets clamped to [-1, 1]
+    lambda_adv: float = 1.0
+    lambda_rec: float = 0.0  # reconstruction weight on stage k's head; 0 = purely adversarial (the paper)
+    penalty: str = "wgan-gp"  # wgan-gp | r1 | none
+    gp_weight: float = 10.0
+    disc_weight_clip: float | None = 0.1  # discriminator weights clamped to +-c after each update; None = off
+    noise_pool: int = 4  # the discriminator sees z pooled to noise_pool x noise_pool
+    loss: str = "l1"  # distance of the reconstruction term and of the held-out selection
+    optim_generator: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.5, 0.999)))
+    optim_disc: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=(0.5, 0.999)))
 
 
 class AdvKD(DenoisingStudent):
     name = "adv-kd"
 
     def __init__(self, cfg: AdvKDConfig, teacher):
-        if len(cfg.stage_steps) != len(cfg.snapshots) + 1:
-            raise ValueError(f"stage_steps needs {len(cfg.snapshots) + 1} entries (one per snapshot + the final "
-                             f"sample), got {len(cfg.stage_steps)}")
-        if len(cfg.snapshots) != len(StagedGenerator.resolutions) - 1:
-            raise ValueError(f"the staged generator has {len(StagedGenerator.resolutions) - 1} snapshot heads")
-        super().__init__(DenoisingStudentConfig.like(cfg), teacher)
-        self.cfg = cfg
-        gen = StagedGenerator(self.image_shape, cfg.width, self.num_classes)
-        gen.spec = staged_spec(self.image_shape, cfg.width, self.num_classes)
+        n_stages = len(cfg.snapshots) + 1
+        if len(cfg.stage_steps) != n_stages:
+            raise ValueError(f"stage_steps needs {n_stages} entries (one per snapshot + the final sample), got "
+                             f"{len(cfg.stage_steps)}")
+        if cfg.penalty not in ("wgan-gp", "r1", "none"):
+            raise ValueError("penalty must be wgan-gp, r1 or none")
+        super().__init__(cfg, teacher)
+        gen = StagedGenerator(self.image_shape, cfg.width, self.num_classes, n_stages, cfg.noise_at_every_stage,
+                              cfg.tanh_heads)
+        gen.spec = staged_spec(self.image_shape, cfg.width, self.num_classes, n_stages, cfg.noise_at_every_stage,
+                               cfg.tanh_heads)
         self.trainable["generator"] = gen
-        self.trainable["disc"] = NoiseConditionedDiscriminator(self.image_shape, cfg.disc_width, self.num_classes,
-                                                               len(cfg.stage_steps))
+        c = self.image_shape[0]
+        for k, r in enumerate(gen.resolutions):
+            self.trainable[f"disc{k}"] = NoiseConditionedDiscriminator((c, r, r), cfg.disc_width, self.num_classes,
+                                                                       cfg.noise_pool)
 
     def optim_config(self, name):
         return self.cfg.optim_generator if name == "generator" else self.cfg.optim_disc
 
     def phases(self, it):
-        return ["disc", "generator"]
+        return [f"disc{self.stage(it)}", "generator"]
 
     def stage(self, it: int) -> int:
         edge = 0
@@ -73,32 +84,52 @@ class AdvKD(DenoisingStudent):
                 return k
         return len(self.cfg.stage_steps) - 1
 
-    def targets(self, batch) -> list[torch.Tensor]:
-        """Per-stage targets: snapshot k pooled to head k's resolution, then the teacher's sample."""
-        out = []
-        for k, res in enumerate(StagedGenerator.resolutions[:-1]):
-            out.append(F.adaptive_avg_pool2d(batch["snapshots"][:, k], res))
-        return out + [batch["x0"]]
+    def target(self, batch, k: int) -> torch.Tensor:
+        """Stage k's real sample: snapshot k pooled to head k's resolution, or the teacher's sample."""
+        g = self.trainable["generator"]
+        if k == g.n_stages - 1:
+            y = batch["x0"]
+        else:
+            y = F.adaptive_avg_pool2d(batch["snapshots"][:, k], g.resolutions[k])
+        return y.clamp(-1, 1) if self.cfg.tanh_heads else y
+
+    def _fake(self, z, labels, k):
+        frozen = k if self.cfg.freeze_earlier_stages else 0
+        return self.trainable["generator"].stage_output(z, labels, k, frozen_below=frozen)
+
+    @torch.no_grad()
+    def _clip(self, d):
+        if self.cfg.disc_weight_clip:
+            for p in d.parameters():
+                p.clamp_(-self.cfg.disc_weight_clip, self.cfg.disc_weight_clip)
 
     def step(self, batch, it, phase):
         k = self.stage(it)
         z, labels = batch["z"], batch["labels"]
-        targets = self.targets(batch)
-        g, d = self.trainable["generator"], self.trainable["disc"]
-        if phase == "disc":
+        d = self.trainable[f"disc{k}"]
+        # weight clipping after every discriminator update (applied before its next use)
+        self._clip(d)
+        real = self.target(batch, k)
+        if phase.startswith("disc"):
             with torch.no_grad():
-                fake = g.forward_stages(z, labels, upto=k)[k]
-            real = targets[k].detach().requires_grad_(True)
-            l_real, l_fake = d(real, z, k, labels), d(fake, z, k, labels)
-            (grad,) = torch.autograd.grad(l_real.sum(), real, create_graph=True)
-            r1 = grad.pow(2).flatten(1).sum(1).mean()
+                fake = self._fake(z, labels, k)
+            l_real, l_fake = d(real, z, labels), d(fake, z, labels)
             d_loss = F.softplus(-l_real).mean() + F.softplus(l_fake).mean()
-            return {"loss": d_loss + 0.5 * self.cfg.r1_gamma * r1, "d_loss": d_loss, "r1": r1,
+            pen = torch.zeros((), device=z.device)
+            if self.cfg.penalty == "wgan-gp":  # Gulrajani et al. 2017, Eq. 3
+                a = torch.rand(len(z), 1, 1, 1, device=z.device)
+                x_hat = (a * real + (1 - a) * fake).requires_grad_(True)
+                (grad,) = torch.autograd.grad(d(x_hat, z, labels).sum(), x_hat, create_graph=True)
+                pen = (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+            elif self.cfg.penalty == "r1":  # Mescheder et al. 2018, Eq. 9
+                x = real.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(d(x, z, labels).sum(), x, create_graph=True)
+                pen = 0.5 * grad.pow(2).flatten(1).sum(1).mean()
+            return {"loss": d_loss + self.cfg.gp_weight * pen, "d_loss": d_loss, "penalty": pen,
                     "real_acc": (l_real > 0).float().mean(), "fake_acc": (l_fake < 0).float().mean()}
-        outs = g.forward_stages(z, labels, upto=k)
-        dist = (lambda e: e.abs()) if self.cfg.loss == "l1" else (lambda e: e**2)
-        recs = [dist(o - t).flatten(1).mean(1).mean() for o, t in zip(outs, targets)]
-        adv = F.softplus(-d(outs[k], z, k, labels)).mean()
-        losses = {"loss": sum(recs) + self.cfg.lambda_adv * adv, "adv": adv, "stage": torch.tensor(float(k))}
-        losses.update({f"rec{j}": r for j, r in enumerate(recs)})
-        return losses
+        fake = self._fake(z, labels, k)
+        adv = F.softplus(-d(fake, z, labels)).mean()
+        e = fake - real
+        rec = (e.abs() if self.cfg.loss == "l1" else e**2).flatten(1).mean(1).mean()
+        loss = self.cfg.lambda_adv * adv + (self.cfg.lambda_rec * rec if self.cfg.lambda_rec else 0.0)
+        return {"loss": loss, "adv": adv, "rec": rec.detach(), "stage": torch.tensor(float(k))}
