@@ -152,12 +152,20 @@ class Trainer:
                 dist.all_reduce(flag, op=dist.ReduceOp.MIN)
                 finite = bool(flag.item() > 0)
                 if finite:
-                    for p in self.method.trainable[phase].parameters():
+                    # a parameter with no gradient on every rank (e.g. a frozen earlier stage) keeps grad None,
+                    # so Adam does not move it on momentum alone; one with a gradient on any rank is averaged
+                    plist = list(self.method.trainable[phase].parameters())
+                    has = torch.tensor([p.grad is not None for p in plist], dtype=torch.float32, device=self.device)
+                    dist.all_reduce(has, op=dist.ReduceOp.MAX)
+                    params = []
+                    for p, h in zip(plist, has.tolist()):
+                        if not h:
+                            continue
                         if p.grad is None:
                             p.grad = torch.zeros_like(p)
                         dist.all_reduce(p.grad)
                         p.grad /= self.world
-                    params = list(self.method.trainable[phase].parameters())
+                        params.append(p)
             if finite and self.scaler:
                 self.scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm or float("inf")) \
