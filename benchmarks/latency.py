@@ -73,7 +73,7 @@ def run(args) -> dict:
 
     from exporters.onnx_export import export_onnx
     from exporters.triton_repo import build_repository
-    from onestep.checkpoint import load_model
+    from onestep.checkpoint import image_shape, load_model, load_teacher, save_model
     from onestep.images import encode_image
     from onestep.noise import seeded_noise
     from onestep.provenance import git_revision, machine_info, package_versions
@@ -84,12 +84,19 @@ def run(args) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="onestep-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     student, smeta = load_model(args.student)
-    teacher, tmeta = load_model(args.teacher)
+    teacher, tmeta = load_teacher(args.teacher)  # our checkpoint or a diffusers model folder
+    teacher_ckpt = Path(args.teacher)
+    if teacher_ckpt.is_dir():  # a diffusers folder: export goes through a checkpoint of the same weights
+        teacher_ckpt = work / "teacher.safetensors"
+        if not teacher_ckpt.exists():
+            save_model(teacher_ckpt, teacher, tmeta["model"], extra={"source": tmeta.get("source")})
     points = [(p.split(":")[0], int(p.split(":")[1])) for p in args.teacher_points.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
-    shape = tuple(student.denoiser.spec["unet"][k] for k in ("channels", "resolution", "resolution")) \
-        if hasattr(student.denoiser, "spec") else (1, 32, 32)
-    n_cls = student.num_classes
+    shape = tuple(image_shape(smeta["model"]))  # any model kind, any channel count and resolution
+    if tuple(image_shape(tmeta["model"])) != shape:
+        raise ValueError(f"student images {shape} and teacher images {tuple(image_shape(tmeta['model']))} differ: "
+                         f"benchmark a student against its own teacher")
+    n_cls = int(getattr(student, "num_classes", 0))
     backends = args.backends.split(",")
     res: dict = {"machine": machine_info(), "versions": package_versions(), "git_revision": git_revision(),
                  "command": ("onestep " if sys.argv[0].endswith("onestep") else "python -m benchmarks.latency ")
@@ -100,7 +107,8 @@ def run(args) -> dict:
     z1 = torch.from_numpy(seeded_noise([0], shape))
     l1 = torch.tensor([0]) if n_cls else None
     f_student = count_flops(student, z1, l1)
-    f_denoiser = count_flops(teacher, z1 * 80, torch.tensor([80.0]), l1)
+    s_probe = min(80.0, float(teacher.sigma_max))
+    f_denoiser = count_flops(teacher, z1 * s_probe, torch.tensor([s_probe]), l1)
     res["flops_per_image"] = {"student": f_student, "teacher_denoiser_call": f_denoiser}
     print(json.dumps({"peak_gflops": res["peak"]["flops_per_s"] / 1e9, "student_mflops": f_student / 1e6}), flush=True)
 
@@ -145,7 +153,7 @@ def run(args) -> dict:
     if not s_onnx.exists():
         export_onnx(args.student, s_onnx)
     if not t_onnx.exists():
-        export_onnx(args.teacher, t_onnx)
+        export_onnx(teacher_ckpt, t_onnx)
     providers = args.providers.split(",")
     engines = {"student": ImageEngine(s_onnx, providers, intra_op_threads=args.threads)}
     for name, k, smp, steps in models[1:]:
@@ -339,7 +347,8 @@ def plot(res: dict, path: Path) -> None:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--student", default="artifacts/fmnist-student.safetensors")
-    ap.add_argument("--teacher", default="artifacts/fmnist-teacher.safetensors")
+    ap.add_argument("--teacher", default="artifacts/fmnist-teacher.safetensors",
+                    help="the student's teacher: our checkpoint or a diffusers model folder")
     ap.add_argument("--teacher-points", default="euler:2,euler:4,euler:8,heun:18",
                     help="teacher sampler:steps points (NFE = steps for euler, 2*steps-1 for heun)")
     ap.add_argument("--batches", default="1,8,64")

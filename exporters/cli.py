@@ -47,7 +47,8 @@ def register(sub) -> None:
     o.add_argument("--model", required=True, help="student or teacher checkpoint (.safetensors)")
     o.add_argument("--out", required=True, help="output .onnx path (sidecar written as OUT.json)")
     o.add_argument("--graph", default="auto", choices=["auto", "generator", "denoiser"],
-                   help="generator: (z, labels) -> image; denoiser: (x, sigma, labels) -> x0_hat")
+                   help="generator: (z[, labels]) -> image; denoiser: (x, sigma[, labels]) -> x0_hat "
+                        "(labels only for class-conditional models)")
     o.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     o.add_argument("--opset", type=int, default=18)
     o.add_argument("--tolerance", type=float, default=None, help="max abs error vs PyTorch (default 1e-4 fp32)")
@@ -64,7 +65,8 @@ def register(sub) -> None:
 
     r = ex.add_parser("triton", help="ONNX/engine artifacts -> Triton model repository")
     r.add_argument("--out", required=True, help="repository folder")
-    r.add_argument("--student", default=None, help="student ONNX (generator graph)")
+    r.add_argument("--student", default=None, help="student ONNX (generator graph); an unconditional student "
+                   "gives SEED -> IMAGE models (no LABEL input)")
     r.add_argument("--name", default="onestep", help="served name of the student")
     r.add_argument("--teacher", default=None, help="teacher ONNX (denoiser graph) for N-step baselines")
     r.add_argument("--teacher-steps", default="heun:18", help="sampler:steps list, e.g. euler:4,heun:18")

@@ -8,6 +8,12 @@ import sys
 from pathlib import Path
 
 
+DATA_HELP = ("real images for methods that use them (teacher training, SiDA's discriminator): 'fashion-mnist', "
+             "a .npz (array 'images' N,H,W[,C] or N,C,H,W uint8, optional 'labels') or an image folder "
+             "(root/*.png, or root/<class>/*.png for labels). Channels and size must equal the teacher's: user "
+             "data is never resized (Fashion-MNIST is zero-padded from 28x28)")
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", required=True, help="named recipe (see `onestep presets`)")
     p.add_argument("--run-dir", required=True, help="folder for checkpoints, logs, sample grids, model")
@@ -17,6 +23,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--metric", choices=["none", "classifier"], default="none",
                    help="periodic sample-quality metric (classifier = fast Fashion-MNIST feature KID)")
+    p.add_argument("--data", default=None, help=DATA_HELP)
 
 
 def _run_config(args):
@@ -27,9 +34,24 @@ def _run_config(args):
     if getattr(args, "teacher", None):
         import dataclasses
         rc = dataclasses.replace(rc, teacher=args.teacher)
+    if getattr(args, "data", None):
+        import dataclasses
+        rc = dataclasses.replace(rc, data=args.data)
     if args.overrides:
         rc = override(rc, args.overrides)
     return rc
+
+
+def _fmnist_shaped(teacher: str | None) -> bool:
+    """True when `teacher` is one of our checkpoints of 1x32x32 images (the classifier metric's domain)."""
+    from onestep.checkpoint import CheckpointError, image_shape, read_metadata
+
+    if not teacher or not Path(teacher).is_file():
+        return False
+    try:
+        return tuple(image_shape(read_metadata(teacher, verify=False)["model"])) == (1, 32, 32)
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return False
 
 
 def _metric_fn(name: str):
@@ -63,7 +85,8 @@ def cmd_distill(args) -> int:
     rc = _run_config(args)
     if rc.method != args.method:
         raise ValueError(f"preset {args.preset!r} is for method {rc.method!r}, not {args.method!r}")
-    res = train(rc, args.run_dir, resume=not args.no_resume, device=args.device, metric_fn=_metric_fn(args.metric))
+    metric = args.metric if args.metric != "auto" else "classifier" if _fmnist_shaped(rc.teacher) else "none"
+    res = train(rc, args.run_dir, resume=not args.no_resume, device=args.device, metric_fn=_metric_fn(metric))
     print(json.dumps(res, indent=2))
     return 0
 
@@ -80,25 +103,32 @@ def cmd_sample(args) -> int:
     import numpy as np
     import torch
 
-    from onestep.checkpoint import load_model
+    from onestep.checkpoint import DENOISER_KINDS, image_shape, load_model, load_teacher
     from onestep.data import to_uint8
     from onestep.images import save_grid
     from onestep.noise import parse_seeds, seeded_noise
-    from onestep.samplers import sample, sample_onestep
+    from onestep.samplers import diffusers_noise, sample, sample_onestep
 
-    model, meta = load_model(args.model)
+    model, meta = load_teacher(args.model) if Path(args.model).is_dir() else load_model(args.model)
     seeds = parse_seeds(args.seeds)
-    from onestep.checkpoint import image_shape
-
     shape = image_shape(meta["model"])
-    z = torch.from_numpy(seeded_noise(seeds, shape))
+    is_denoiser = meta["model"]["kind"] in DENOISER_KINDS
+    if args.noise_convention == "diffusers":
+        if not is_denoiser:
+            raise ValueError("--noise-convention diffusers reproduces diffusers' DDIMPipeline: it needs a diffusers "
+                             "teacher (an imported checkpoint or a diffusers folder), not a one-step generator")
+        z = diffusers_noise(seeds, shape)
+    else:
+        z = torch.from_numpy(seeded_noise(seeds, shape))
     n_cls = getattr(model, "num_classes", 0)
     labels = None
     if n_cls:
         labels = torch.tensor([args.label] * len(seeds)) if args.label is not None else torch.arange(len(seeds)) % n_cls
+    sampler = args.sampler or ("ddim" if args.noise_convention == "diffusers" else "heun")
     with torch.no_grad():
-        if meta["model"]["kind"] == "edm-denoiser":
-            x = sample(model, z, labels, args.sampler, args.steps, args.schedule, progress=True)
+        if is_denoiser:
+            x = sample(model, z, labels, sampler, args.steps, args.schedule, progress=True,
+                       noise_convention=args.noise_convention)
         else:
             x = sample_onestep(model, z, labels)
     imgs = to_uint8(x.numpy())
@@ -108,6 +138,16 @@ def cmd_sample(args) -> int:
     else:
         np.savez(out, images=imgs, seeds=np.asarray(seeds), labels=None if labels is None else labels.numpy())
     print(f"wrote {len(seeds)} images to {out}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from onestep.importer import import_folder
+
+    side = import_folder(args.folder, args.out, steps=args.steps, seeds=args.seeds, tolerance=args.tolerance,
+                         dtype=args.dtype)
+    print(json.dumps({"checkpoint": args.out, "sha256": side["sha256"], "source": side["source"]["path"],
+                      "source_sha256": side["source"]["sha256"], "parity": side["parity"]}, indent=2))
     return 0
 
 
@@ -136,14 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Distil a teacher checkpoint into a one-step generator with one of the methods "
                                    "(denoising-student, sid, sida, emd, sferd, adv-kd). Resumes from the run folder.")
     p.add_argument("--method", required=True, help="denoising-student | sid | sida | emd | sferd | adv-kd")
-    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the preset's, the shipped teacher)")
+    p.add_argument("--teacher", default=None, help="teacher: our checkpoint (.safetensors) or a diffusers model "
+                   "folder (default: the preset's, the shipped teacher)")
+    p.add_argument("--data", default=None, help=DATA_HELP)
     p.add_argument("--preset", default=None, help="named recipe (default: fmnist-METHOD)")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--device", default="auto")
-    p.add_argument("--metric", choices=["none", "classifier"], default="classifier",
-                   help="periodic sample-quality metric (fast Fashion-MNIST classifier KID)")
+    p.add_argument("--metric", choices=["auto", "none", "classifier"], default="auto",
+                   help="periodic sample-quality metric (fast Fashion-MNIST classifier KID); auto = classifier "
+                        "for a 1x32x32 teacher checkpoint, none for other teachers")
     p.add_argument("--export-state", default=None, metavar="STATE_DIR",
                    help="do not train: write the EMA product of this saved state of RUN_DIR to --out")
     p.add_argument("--out", default=None, help="output checkpoint for --export-state")
@@ -160,15 +203,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_presets)
 
     p = sub.add_parser("sample", help="sample images from a teacher or student checkpoint")
-    p.add_argument("--model", required=True, help="checkpoint (.safetensors with JSON sidecar)")
+    p.add_argument("--model", required=True, help="checkpoint (.safetensors with JSON sidecar) or a diffusers folder")
     p.add_argument("--seeds", default="0-39", help="e.g. 0-39 or 1,5,9")
     p.add_argument("--label", type=int, default=None, help="class label for all images (default: cycle classes)")
-    p.add_argument("--sampler", default="heun", choices=["heun", "euler", "ddim"])
+    p.add_argument("--sampler", default=None, choices=["heun", "euler", "ddim"],
+                   help="default heun (ddim with --noise-convention diffusers)")
     p.add_argument("--steps", type=int, default=18)
-    p.add_argument("--schedule", default="karras", help="karras | loglinear | ddim-uniform | ddim-quadratic")
+    p.add_argument("--schedule", default=None,
+                   help="karras (default) | loglinear | ddim-uniform | ddim-quadratic | ddim-trailing")
+    p.add_argument("--noise-convention", default="ours", choices=["ours", "diffusers"],
+                   help="ours: numpy seeded unit noise z, x = sigma_0 z (the same seeds drive teacher and student); "
+                        "diffusers: reproduce diffusers' DDIMPipeline exactly (torch generator per seed, the "
+                        "scheduler config's timesteps); see docs/teachers.md")
     p.add_argument("--nrow", type=int, default=10)
     p.add_argument("--out", required=True, help="grid .png or .npz of uint8 images")
     p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser("import", help="convert a diffusers DDPM/DDIM folder into a teacher checkpoint",
+                       description="Convert a local diffusers folder (pipeline folder with model_index.json, unet/ "
+                                   "and scheduler/, or a UNet folder with scheduler_config.json) into a checkpoint "
+                                   "of kind diffusers-denoiser, then measure max|ours - diffusers DDIM| relative to "
+                                   "the image scale and store it in the checkpoint's metadata.")
+    p.add_argument("folder", help="diffusers folder")
+    p.add_argument("--out", required=True, help="output checkpoint .safetensors (sidecar written beside it)")
+    p.add_argument("--steps", type=int, default=10, help="DDIM steps of the parity check")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the parity check")
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="fail above this parity error (relative to the image scale)")
+    p.add_argument("--dtype", default="source", choices=["source", "fp32", "fp16"],
+                   help="weight precision stored (source: as in the folder)")
+    p.set_defaults(fn=cmd_import)
 
     p = sub.add_parser("train-classifier", help="train the fast Fashion-MNIST feature classifier")
     p.add_argument("--out", default="artifacts/fmnist-classifier.safetensors")
@@ -205,14 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
         from exporters.onnx_export import ExportError
         from onestep.checkpoint import CheckpointError
         from onestep.data import DataError
         from serving.triton_server import TritonError
 
         if isinstance(e, (CheckpointError, DataError, ExportError, TritonError, ValueError, KeyError,
-                          FileNotFoundError)):
+                          FileNotFoundError, FloatingPointError)):
             print(f"onestep {args.verb}: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -29,6 +29,12 @@ PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
+def encodable_formats(channels: int) -> list[str]:
+    """Image encodings that carry `channels` channels (1 grayscale, 2 grayscale + alpha, 3 RGB, 4 RGBA)."""
+    return {1: ["png", "jpeg", "webp"], 3: ["png", "jpeg", "webp"], 2: ["png", "webp"],
+            4: ["png", "webp"]}.get(channels, [])
+
+
 @dataclass
 class APISettings:
     triton_url: str = "127.0.0.1:8001"  # gRPC
@@ -186,6 +192,11 @@ def create_app(settings: APISettings) -> FastAPI:
         if info is None:
             metrics.requests.labels("unknown", "404").inc()
             return err(404, f"unknown model {req.model!r}; available: {sorted(settings.models)}", "unknown_model")
+        shape = info.get("image_shape") or [1]
+        if req.format != "raw" and req.format not in encodable_formats(int(shape[0])):
+            metrics.requests.labels(req.model, "400").inc()
+            return err(400, f"model {req.model!r} makes {shape[0]}-channel images, which {req.format} cannot hold; "
+                            f"use one of {encodable_formats(int(shape[0])) + ['raw']}", "bad_format")
         try:
             seeds = req.seed_list()
         except ValueError as e:

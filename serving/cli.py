@@ -107,7 +107,8 @@ def register(sub) -> None:
     g.add_argument("--triton", default=None, help="Triton URL (host:port) instead of --onnx")
     g.add_argument("--protocol", default="grpc", choices=["grpc", "http"])
     g.add_argument("--model", default=None, help="model name on Triton")
-    g.add_argument("--label", type=int, default=None, help="one class for all images (default: seed mod classes)")
+    g.add_argument("--label", type=int, default=None, help="one class for all images (default: seed mod classes); "
+                   "an error for an unconditional model")
     g.add_argument("--shard-size", type=int, default=1000)
     g.add_argument("--batch", type=int, default=64)
     g.add_argument("--format", default="npz", help="npz, png or npz,png")

@@ -31,6 +31,8 @@ def shard_name(k: int) -> str:
 
 def labels_for(seeds: Sequence[int], num_classes: int, label: int | None) -> list[int] | None:
     if not num_classes:
+        if label is not None:
+            raise ValueError("--label given, but the model is unconditional (it takes no class labels)")
         return None
     if label is not None:
         if not 0 <= label < num_classes:
@@ -42,9 +44,12 @@ def labels_for(seeds: Sequence[int], num_classes: int, label: int | None) -> lis
 def run_job(out_dir: str | Path, seeds: Sequence[int], generate: Callable[[list[int], list[int] | None], np.ndarray],
             num_classes: int, job: dict, label: int | None = None, shard_size: int = 1000, batch: int = 64,
             formats: Sequence[str] = ("npz",), rank: int = 0, world_size: int = 1, progress: bool = True) -> dict:
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("no seeds to generate")
+    labels_for(seeds[:1], num_classes, label)  # a bad --label fails before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    seeds = list(seeds)
     job = {**job, "num_seeds": len(seeds), "first_seed": seeds[0], "last_seed": seeds[-1],
            "seeds_sha": _seeds_digest(seeds), "label": label, "shard_size": shard_size, "formats": sorted(formats)}
     jf = out / "job.json"

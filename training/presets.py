@@ -74,9 +74,13 @@ PRESETS: dict[str, RunConfig] = {
     "fmnist-denoising-student": RunConfig(
         method="denoising-student", teacher=SHIPPED_TEACHER,
         method_cfg=DenoisingStudentConfig(cache_dir="runs/pairs-fmnist-heun9", n_pairs=3000, holdout=250,
-                                          teacher_sampler="heun", teacher_steps=9, loss="l1"),
+                                          teacher_sampler="heun", teacher_steps=9, teacher_schedule="karras",
+                                          loss="l1", optim=OptimConfig(lr=2e-4, betas=(0.9, 0.98), warmup_steps=100)),
         train=TrainConfig(steps=400, batch_size=64, ema_decay=0.995, clip_grad_norm=1.0, log_every=25,
                           ckpt_every=100, sample_every=250, seed=0, num_threads=1)),
+    # SiD / SiDA / EMD at CPU scale: 400 iterations, so the fake-score warm-up (50), the SiDA mix-in point (100
+    # generator iterations) and EMD's K (4) are scaled down and the lr raised to 5e-5 (paper/code: 1e-5);
+    # training/methods/README.md "Paper fidelity: SiD, SiDA, EMD" lists every such choice.
     "fmnist-sid": RunConfig(
         method="sid", teacher=SHIPPED_TEACHER,
         method_cfg=SiDConfig(alpha=1.2, fake_warmup=50,
@@ -93,17 +97,17 @@ PRESETS: dict[str, RunConfig] = {
                           ckpt_every=100, sample_every=100, seed=0, num_threads=1)),
     "fmnist-emd": RunConfig(
         method="emd", teacher=SHIPPED_TEACHER,
-        method_cfg=EMDConfig(K=4, step_eps=0.2, step_z=0.005, noise_cancellation=True, fake_warmup=50,
-                             optim_generator=OptimConfig(lr=5e-5, betas=(0.0, 0.999)),
+        method_cfg=EMDConfig(K=4, step_eps=0.2, step_z=0.005, noise_cancellation=True, noise_levels="vp",
+                             fake_warmup=50, optim_generator=OptimConfig(lr=5e-5, betas=(0.0, 0.999)),
                              optim_fake=OptimConfig(lr=5e-5, betas=(0.0, 0.999))),
         train=TrainConfig(steps=400, batch_size=32, ema_decay=0.99, clip_grad_norm=1.0, log_every=10,
                           ckpt_every=100, sample_every=100, seed=0, num_threads=1)),
-    # SFERD: targets from the attention-guided teacher (Euler, 8 steps); "fmnist-sferd-noguide" (below) is the
-    # ablation without attention guidance (same recipe, plain teacher targets).
+    # SFERD: targets from the attention-guided teacher (Euler, 8 steps, w = 1.3, blur sigma 3); "fmnist-sferd-noguide"
+    # (below) is the ablation without attention guidance (same recipe, plain teacher targets).
     "fmnist-sferd": RunConfig(
         method="sferd", teacher=SHIPPED_TEACHER,
-        method_cfg=SFERDConfig(cache_dir="runs/pairs-fmnist-euler8-ag0.2", n_pairs=2000, holdout=200,
-                               guidance=0.2, blur_sigma=1.0),
+        method_cfg=SFERDConfig(cache_dir="runs/pairs-fmnist-euler8-ag1.3", n_pairs=2000, holdout=200,
+                               guidance=1.3, blur_sigma=3.0, optim=OptimConfig(lr=2e-4, warmup_steps=100)),
         train=TrainConfig(steps=400, batch_size=64, ema_decay=0.995, clip_grad_norm=1.0, log_every=25,
                           ckpt_every=100, sample_every=200, seed=0, num_threads=1)),
     # Adv-KD: a randomly initialised staged student (width 32; "fmnist-adv-kd-small": width 16) trained on
@@ -117,8 +121,9 @@ PRESETS: dict[str, RunConfig] = {
     # tiny variants for tests (a tiny teacher is passed with --teacher)
     "tiny-denoising-student": RunConfig(
         method="denoising-student",
-        method_cfg=DenoisingStudentConfig(cache_dir="runs/tiny-pairs", n_pairs=48, holdout=8, teacher_steps=2,
-                                          cache_batch=16, optim=OptimConfig(lr=1e-3, betas=(0.9, 0.98))),
+        method_cfg=DenoisingStudentConfig(cache_dir="runs/tiny-pairs", n_pairs=48, holdout=8, teacher_sampler="heun",
+                                          teacher_steps=2, teacher_schedule="karras", cache_batch=16,
+                                          optim=OptimConfig(lr=1e-3, betas=(0.9, 0.98))),
         train=TrainConfig(steps=12, batch_size=8, ema_decay=0.9, log_every=2, ckpt_every=6, sample_every=0)),
     "tiny-sid": RunConfig(
         method="sid", method_cfg=SiDConfig(fake_warmup=2, optim_generator=OptimConfig(lr=1e-4, betas=(0.0, 0.999)),
@@ -145,6 +150,16 @@ PRESETS: dict[str, RunConfig] = {
                                cache_batch=16, width=8, disc_width=8, stage_steps=(3, 3, 3, 15),
                                optim_generator=OptimConfig(lr=2e-3, betas=(0.5, 0.99))),
         train=TrainConfig(steps=24, batch_size=8, ema_decay=0.9, log_every=2, ckpt_every=12, sample_every=0)),
+    # SiD on a teacher given at run time (--teacher; unconditional teacher -> unconditional student): the fmnist-sid
+    # recipe. benchmarks/import_path.py runs it on a diffusers DDPM imported with `onestep import`
+    # (results: benchmarks/results/import_path.md).
+    "import-sid": RunConfig(
+        method="sid",
+        method_cfg=SiDConfig(alpha=1.2, fake_warmup=50,
+                             optim_generator=OptimConfig(lr=5e-5, betas=(0.0, 0.999)),
+                             optim_fake=OptimConfig(lr=5e-5, betas=(0.0, 0.999))),
+        train=TrainConfig(steps=400, batch_size=32, ema_decay=0.99, clip_grad_norm=1.0, log_every=10,
+                          ckpt_every=100, sample_every=100, seed=0, num_threads=1)),
 }
 
 
@@ -155,7 +170,7 @@ def _variant(base: str, **method_changes) -> RunConfig:
 
 
 # Ablations (results beside their base preset's in benchmarks/results/students.md)
-PRESETS["fmnist-sferd-noguide"] = _variant("fmnist-sferd", cache_dir="runs/pairs-fmnist-euler8", guidance=0.0)
+PRESETS["fmnist-sferd-noguide"] = _variant("fmnist-sferd", cache_dir="runs/pairs-fmnist-euler8", guidance=1.0)
 PRESETS["fmnist-adv-kd-small"] = _variant("fmnist-adv-kd", width=16)
 
 

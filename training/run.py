@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from onestep.data import load_dataset
+from onestep.data import load_for_model
 from training.presets import RunConfig
 from training.trainer import Trainer
 
 
 def build_method(rc: RunConfig):
+    """The method of `rc` with its teacher (our checkpoint or a diffusers folder, through
+    `onestep.checkpoint.load_teacher`) and its real data (`rc.data`) when it needs them. Data must match the
+    images the teacher (or, for teacher training, the configured network) works on: see
+    `onestep.data.load_for_model` for the policy and the errors."""
     from training.methods import METHODS
 
     if rc.method not in METHODS:
@@ -19,20 +23,30 @@ def build_method(rc: RunConfig):
     needs = cls.needs_for(rc.method_cfg) if hasattr(cls, "needs_for") else getattr(cls, "needs", ("data",))
     kwargs = {}
     if "teacher" in needs:
-        from onestep.checkpoint import load_model
+        from onestep.checkpoint import load_teacher
 
         if not rc.teacher:
-            raise ValueError(f"method {rc.method!r} needs --teacher CKPT")
-        teacher, meta = load_model(rc.teacher)
+            raise ValueError(f"method {rc.method!r} needs --teacher (a checkpoint or a diffusers model folder)")
+        teacher, meta = load_teacher(rc.teacher)
         teacher.source_sha256 = meta.get("sha256")
         kwargs["teacher"] = teacher
     if "data" in needs:
+        kwargs["data"] = load_for_model(rc.data, *_data_target(rc, kwargs.get("teacher")))
+    return cls(rc.method_cfg, **kwargs)
+
+
+def _data_target(rc: RunConfig, teacher) -> tuple:
+    """(image_shape, split, who, num_classes) the real data of `rc` must fit."""
+    if teacher is not None:
         from onestep.checkpoint import image_shape
 
-        res = rc.method_cfg.unet.resolution if hasattr(rc.method_cfg, "unet") else \
-            image_shape(kwargs["teacher"].spec)[1]
-        kwargs["data"] = load_dataset(rc.data, "train", size=res)
-    return cls(rc.method_cfg, **kwargs)
+        return (image_shape(teacher.spec), "train", f"the teacher {rc.teacher}",
+                int(getattr(teacher, "num_classes", 0)))
+    unet = getattr(rc.method_cfg, "unet", None)
+    if unet is None:
+        raise ValueError(f"method {rc.method!r} needs data but has neither a teacher nor a network config")
+    return ((unet.channels, unet.resolution, unet.resolution), "train",
+            "the network of this preset (method_cfg.unet.channels/resolution)", int(unet.num_classes))
 
 
 def train(rc: RunConfig, run_dir: str | os.PathLike, resume: bool = True, device: str = "auto",
