@@ -31,22 +31,25 @@ def _budget(run_dir: Path | None) -> dict:
             "threads": cfg["train"].get("num_threads")}
 
 
-def measure_latency(students: dict[str, str], teacher: str, workdir: Path, repeats: int = 30,
-                    min_seconds: float = 1.0, rounds: int = 10) -> dict:
-    """onnxruntime CPU latency at batch 1, all models in this one process and timed in `rounds` interleaved rounds
-    (so ratios are comparable): each student graph (z, labels) -> image, and one Euler step of the teacher's
-    denoiser graph (the per-NFE cost). Also counts parameters."""
+def measure_latency(students: dict[str, str], teacher: str, workdir: Path, method=None) -> dict:
+    """onnxruntime CPU latency at batch 1, all models in this one process, interleaved in rounds with the
+    benchmarks' one method (benchmarks/stats.py): each student graph (z, labels) -> image, and one Euler step of
+    the teacher's denoiser graph (the per-NFE cost). Each model's latency is the median over rounds of its
+    per-round median; each model's ratio to the teacher's 1-NFE step is the median of per-round ratios, both
+    with a seeded bootstrap 95% interval. Also counts parameters."""
     import torch
 
-    from benchmarks.latency import percentiles, time_fn
+    from benchmarks import stats
     from exporters.onnx_export import export_onnx
     from onestep.checkpoint import load_model
     from onestep.noise import seeded_noise
     from serving.engine import ImageEngine
 
+    method = method or stats.Method()
     workdir.mkdir(parents=True, exist_ok=True)
-    out = {"threads": torch.get_num_threads(), "rounds": rounds, "models": {}}
-    runners, times = {}, {}
+    out = {"threads": torch.get_num_threads(), "rounds": method.rounds, "method": method.as_dict(),
+           "method_text": method.describe(), "models": {}}
+    runners = {}
     for i, (name, path) in enumerate([("teacher", teacher), *students.items()]):
         model, _ = load_model(path)
         onnx_path = workdir / f"model{i}.onnx"
@@ -55,15 +58,16 @@ def measure_latency(students: dict[str, str], teacher: str, workdir: Path, repea
         z = seeded_noise([0], eng.shape)
         labels = np.zeros(1, np.int64) if eng.num_classes else None
         runners[name] = (lambda e=eng, z=z, lab=labels: e.model_output(z, lab))
-        times[name] = []
         out["models"][name] = {"params": sum(p.numel() for p in model.parameters()),
                                "onnx_parity_max_abs_err": side["parity"]["max_abs_err"]}
-    # round robin, so that a slow spell of this shared machine hits every model alike
-    for _ in range(rounds):
-        for name, fn in runners.items():
-            times[name] += time_fn(fn, 3, max(1, repeats // rounds), min_seconds / rounds)
+    results = stats.run_interleaved(runners, method)
+    rounds = {name: np.asarray(results[name].round_medians()) * 1e3 for name in runners}
     for name in runners:
-        out["models"][name].update(percentiles(times[name]))
+        e = stats.estimate(rounds[name])
+        out["models"][name].update(stats.percentiles_ms(results[name].all_calls()))
+        out["models"][name].update({"p50_ms": e["median"], "p50_ci_ms": [e["ci_low"], e["ci_high"]],
+                                    "round_medians_ms": [float(x) for x in rounds[name]],
+                                    "vs_teacher_nfe": stats.ratio(rounds[name], rounds["teacher"])})
         print(json.dumps({name: out["models"][name]["p50_ms"]}), flush=True)
     return out
 
@@ -143,7 +147,12 @@ def main(argv=None) -> int:
     ap.add_argument("--latency", default=None, help="latency JSON (benchmarks.latency) for the Pareto chart")
     ap.add_argument("--measure-latency", action="store_true",
                     help="export every model to ONNX and time it at batch 1 in this process (params + ms columns)")
-    ap.add_argument("--latency-repeats", type=int, default=30)
+    ap.add_argument("--latency-min-calls", "--latency-repeats", dest="latency_min_calls", type=int, default=200,
+                    help="timed calls per model, at least")
+    ap.add_argument("--latency-window-s", type=float, default=10.0, help="timed seconds per model, at least")
+    ap.add_argument("--latency-rounds", type=int, default=10, help="interleaved rounds")
+    ap.add_argument("--quick", action="store_true",
+                    help="short latency windows, same method (figures indicative only)")
     ap.add_argument("--workdir", default=None, help="where the ONNX files for --measure-latency go")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -176,8 +185,12 @@ def main(argv=None) -> int:
     if args.measure_latency:
         import tempfile
 
+        from benchmarks.stats import Method
+
+        method = (Method.quick_method() if args.quick else
+                  Method(min_calls=args.latency_min_calls, window_s=args.latency_window_s, rounds=args.latency_rounds))
         measured = measure_latency(students, t["model"], Path(args.workdir or tempfile.mkdtemp(prefix="onestep-cmp-")),
-                                   args.latency_repeats)
+                                   method)
         res["latency"] = measured
         per_nfe = measured["models"]["teacher"]["p50_ms"]
         for r in rows:
@@ -191,10 +204,22 @@ def main(argv=None) -> int:
              f"KID at N={t['n']} (real-vs-real {b['classifier']['kid']:.2f}; its own scale, not comparable to "
              f"Inception KID).", ""]
     if measured:
-        lines += [f"Latency: onnxruntime CPU, batch 1, p50 over >= {args.latency_repeats} runs per model in "
-                  f"{measured['rounds']} interleaved rounds, all models in one process ({measured['threads']} threads); "
-                  f"teacher rows are NFE x its measured 1-NFE latency. Students of the same network should time "
-                  f"alike: their spread is the noise of this shared machine.", ""]
+        from benchmarks.stats import fmt_ci
+
+        lines += [f"Latency: onnxruntime CPU, batch 1, all models in one process ({measured['threads']} threads); "
+                  f"{measured['method_text']}. Teacher rows are NFE x its measured 1-NFE latency. Students of the "
+                  f"same network should time alike: their spread is the noise of the machine.", "",
+                  "| model | ms/img [95% CI] | vs one teacher step [95% CI] |", "|---|---|---|"]
+        for name, mm in measured["models"].items():
+            lines.append(f"| {name} | {mm['p50_ms']:.2f} [{mm['p50_ci_ms'][0]:.2f}, {mm['p50_ci_ms'][1]:.2f}] | "
+                         f"{fmt_ci(mm['vs_teacher_nfe'], '.2f', 'x')} |")
+        from benchmarks.stats import spread_notes
+
+        notes = spread_notes({f"{name} vs one teacher step": mm["vs_teacher_nfe"]
+                              for name, mm in measured["models"].items()})
+        if notes:
+            lines += ["", "Large spread between rounds (the machine was not quiet): " + "; ".join(notes) + "."]
+        lines.append("")
     head = ("| model | NFE | params | ms/img | Inception FID | Inception KID x1e3 | classifier KID | class agreement "
             "| budget | samples |")
     lines += [head, "|---" * (head.count("|") - 1) + "|"]

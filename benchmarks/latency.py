@@ -1,12 +1,18 @@
 """Latency and throughput: the one-step student against its multi-step teacher, across backends.
 
 Backends: PyTorch eager, torch.compile (where it works), onnxruntime (in-process, CPU or CUDA provider),
-Triton over gRPC and HTTP (the real server; python backend running onnxruntime) and the HTTP image API.
-For every (backend, model, batch): p50/p95/p99 latency and images/s after warm-up, plus a per-stage breakdown
-(seed -> noise, model, uint8 + PNG encoding, transport/queue = served - in-process). FLOPs per image are
-counted with torch's FlopCounterMode on the exported network (teacher: NFE x denoiser FLOPs); the peak is a
-large fp32 matmul timed in the same run, so MFU = achieved FLOP/s / measured peak. Speed-ups are ratios
-measured in this one run (student vs teacher, same backend, same batch).
+Triton over gRPC and HTTP (the real server; python backend running onnxruntime), the raw-tensor model
+`student_tensor` over gRPC (z[, labels] -> image floats on the python backend) and the HTTP image API.
+
+One measuring method for every figure (benchmarks/stats.py): warm-up, then per path at least `--min-calls`
+calls and at least `--window-s` seconds, with every path of a batch size interleaved in `--rounds` rounds
+(A B C A B C ...). A path's latency is the median over rounds of its per-round median; a ratio (student vs
+teacher, served vs in-process) is the median of the per-round ratios; each comes with a 95% interval from a
+seeded bootstrap over rounds. Stage tables come from the same calls as the total (in-process: noise, model,
+encode; served: client serialisation, transport, Triton queue / compute input / infer / output from Triton's
+statistics before and after each block, the API's own timings) and are checked to add up to the total.
+FLOPs per image are counted with torch's FlopCounterMode on the exported network (teacher: NFE x denoiser
+FLOPs); the peak is a large fp32 matmul timed in the same run, so MFU = achieved FLOP/s / measured peak.
 
     python -m benchmarks.latency --student artifacts/fmnist-student.safetensors \
         --teacher artifacts/fmnist-teacher.safetensors --out benchmarks/results/latency_cpu
@@ -15,32 +21,38 @@ measured in this one run (student vs teacher, same backend, same batch).
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks import stats
+from benchmarks.stats import Method, fmt_ci
+
+perf = time.perf_counter
+
 
 def percentiles(times_s: list[float]) -> dict:
-    a = np.asarray(times_s) * 1e3
-    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
-            "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()), "runs": len(a)}
+    return stats.percentiles_ms(times_s)
 
 
 def time_fn(fn, warmup: int, repeats: int, min_seconds: float = 0.0, sync=None) -> list[float]:
+    """Plain timing loop (used for the matmul peak only; latency figures use stats.run_interleaved)."""
     for _ in range(warmup):
         fn()
     times = []
-    t_start = time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - t_start) < min_seconds:
-        t = time.perf_counter()
+    t_start = perf()
+    while len(times) < repeats or (perf() - t_start) < min_seconds:
+        t = perf()
         fn()
         if sync:
             sync()
-        times.append(time.perf_counter() - t)
+        times.append(perf() - t)
         if len(times) >= 10 * repeats:
             break
     return times
@@ -68,19 +80,182 @@ def count_flops(module, *args) -> int:
     return int(fc.get_total_flops())
 
 
+STAT_KEYS = ("success", "queue", "compute_input", "compute_infer", "compute_output")
+STAGE_NAMES = {"queue": "Triton queue", "compute_input": "Triton compute input",
+               "compute_infer": "Triton compute infer", "compute_output": "Triton compute output"}
+
+
+def triton_statistics(client, model: str) -> dict:
+    """Cumulative (count, ns) per statistic of one model, from Triton's statistics extension (gRPC client)."""
+    js = client.get_inference_statistics(model, as_json=True)
+    ms = js["model_stats"][0]
+    inf = ms.get("inference_stats", {})
+    out = {k: (int(inf.get(k, {}).get("count", 0)), int(inf.get(k, {}).get("ns", 0))) for k in STAT_KEYS}
+    out["inference_count"] = int(ms.get("inference_count", 0))
+    out["execution_count"] = int(ms.get("execution_count", 0))
+    return out
+
+
+def statistics_delta(before: dict, after: dict, calls: int) -> dict:
+    """What Triton counted between two snapshots: requests, executions and per-request mean seconds."""
+    n = after["success"][0] - before["success"][0]
+    per = {k: ((after[k][1] - before[k][1]) / n / 1e9 if n else float("nan")) for k in STAT_KEYS}
+    return {"requests": n, "calls": calls, "per_request_s": per,
+            "executions": after["execution_count"] - before["execution_count"],
+            "inferences": after["inference_count"] - before["inference_count"]}
+
+
+def statistics_after(client, model: str, before: dict, calls: int, timeout_s: float = 2.0) -> dict:
+    """Triton's statistics once they hold the block's `calls` requests: Triton records a request after its
+    response has gone out, so a snapshot taken the moment the client has its answer can miss the last one."""
+    deadline = time.perf_counter() + timeout_s
+    while True:
+        after = triton_statistics(client, model)
+        if after["success"][0] - before["success"][0] >= calls or time.perf_counter() > deadline:
+            return statistics_delta(before, after, calls)
+        time.sleep(0.001)
+
+
+def statistics_hook(client, model: str):
+    """(before, after) for stats.run_interleaved: Triton's statistics around each timed block."""
+    return (lambda: triton_statistics(client, model),
+            lambda token, calls: statistics_after(client, model, token, calls))
+
+
+def triton_call(tic, model: str, seeds: np.ndarray, labels: np.ndarray | None) -> dict:
+    """One SEED[, LABEL] -> IMAGE request, as TritonImageClient.generate makes it, with its stages timed."""
+    tc = tic.tc
+    t0 = perf()
+    inputs = [tc.InferInput("SEED", list(seeds.shape), "INT64")]
+    inputs[0].set_data_from_numpy(seeds)
+    if labels is not None:
+        inputs.append(tc.InferInput("LABEL", list(labels.shape), "INT64"))
+        inputs[1].set_data_from_numpy(labels)
+    outputs = [tc.InferRequestedOutput("IMAGE")]
+    t1 = perf()
+    r = tic.client.infer(model, inputs, outputs=outputs)
+    t2 = perf()
+    r.as_numpy("IMAGE")
+    t3 = perf()
+    return {"serialise": t1 - t0, "infer_call": t2 - t1, "deserialise": t3 - t2}
+
+
+def tensor_call(tic, model: str, seeds: list[int], shape, labels: np.ndarray | None, names: tuple) -> dict:
+    """One z[, labels] -> image request to the raw-tensor model; the client makes the noise."""
+    from onestep.noise import seeded_noise
+
+    tc = tic.tc
+    t0 = perf()
+    z = seeded_noise(seeds, shape)
+    t1 = perf()
+    inputs = [tc.InferInput(names[0], list(z.shape), "FP32")]
+    inputs[0].set_data_from_numpy(z)
+    if labels is not None:
+        inputs.append(tc.InferInput(names[1], list(labels.shape), "INT64"))
+        inputs[1].set_data_from_numpy(labels)
+    outputs = [tc.InferRequestedOutput(names[-1])]
+    t2 = perf()
+    r = tic.client.infer(model, inputs, outputs=outputs)
+    t3 = perf()
+    r.as_numpy(names[-1])
+    t4 = perf()
+    return {"noise": t1 - t0, "serialise": t2 - t1, "infer_call": t3 - t2, "deserialise": t4 - t3}
+
+
+def parse_server_timing(header: str | None) -> dict:
+    """'parse;dur=0.12, triton;dur=7.9' -> {'parse': 0.12e-3, 'triton': 7.9e-3} (seconds)."""
+    out = {}
+    for part in (header or "").split(","):
+        name, _, rest = part.strip().partition(";")
+        for kv in rest.split(";"):
+            k, _, v = kv.strip().partition("=")
+            if k == "dur" and name:
+                try:
+                    out[name.strip()] = float(v) / 1e3
+                except ValueError:
+                    pass
+    return out
+
+
+def api_call(url: str, body: dict, timeout: float = 120.0) -> dict:
+    """One POST /v1/generate (JSON response, base64 images), with its stages timed. The API's own timings come
+    from a Server-Timing header when it sends one, else from `timings_ms` in the body."""
+    t0 = perf()
+    req = urllib.request.Request(url + "/v1/generate", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    t1 = perf()
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        payload = r.read()
+        header = r.headers.get("Server-Timing")
+    t2 = perf()
+    out = json.loads(payload)
+    for im in out["images"]:
+        base64.b64decode(im["data"])
+    t3 = perf()
+    timing = {k: v / 1e3 for k, v in (out.get("timings_ms") or {}).items()}
+    timing.update(parse_server_timing(header))
+    st = {"serialise": t1 - t0, "request": t2 - t1, "deserialise": t3 - t2,
+          "api_triton": timing.get("triton", 0.0), "api_encode": timing.get("encode", 0.0)}
+    for k in ("parse", "total"):  # total: the handler, from its start to its answer
+        if k in timing:
+            st[f"api_{k}"] = timing[k]
+    return st
+
+
+def served_stage_rounds(pr: stats.PathResult) -> tuple[dict[str, list[float]], list[str]]:
+    """Per-round stage means (s) of a served path, in request order, from the client's marks and Triton's
+    statistics of the same calls; and the problems found (Triton counted other requests than the calls)."""
+    raw = {k: np.asarray(v) for k, v in pr.stage_round_means().items()}
+    per = [e["per_request_s"] for e in pr.extra]
+    srv = {k: np.asarray([p[k] for p in per]) for k in STAT_KEYS}
+    problems = [f"round {i}: Triton counted {e['requests']} requests for {e['calls']} calls"
+                for i, e in enumerate(pr.extra) if e["requests"] != e["calls"]]
+    out: dict[str, np.ndarray] = {}
+    if "noise" in raw:
+        out["client noise"] = raw["noise"]
+    out["client serialise"] = raw["serialise"]
+    if "request" in raw:  # through the HTTP API
+        handler = raw["api_total"] if "api_total" in raw else raw["api_triton"] + raw["api_encode"]
+        parse = raw.get("api_parse", 0.0)
+        out["HTTP + API framework" + ("" if "api_parse" in raw else " + parse")] = raw["request"] - handler - parse
+        if "api_parse" in raw:
+            out["API parse"] = raw["api_parse"]
+        if "api_total" in raw:
+            out["API checks + thread hand-off"] = raw["api_total"] - raw["api_triton"] - raw["api_encode"]
+        out["API gRPC client + transport"] = raw["api_triton"] - srv["success"]
+    else:
+        out["transport"] = raw["infer_call"] - srv["success"]
+    for k, label in STAGE_NAMES.items():
+        out[label] = srv[k]
+    out["Triton request outside queue + compute"] = srv["success"] - sum(srv[k] for k in STAGE_NAMES)
+    if "api_encode" in raw:
+        out["API encode"] = raw["api_encode"]
+    out["client deserialise"] = raw["deserialise"]
+    return {k: [float(x) for x in v] for k, v in out.items()}, problems
+
+
+def method_from_args(args) -> Method:
+    if args.quick:
+        q = Method.quick_method()
+        return Method(min_calls=min(args.min_calls, q.min_calls), window_s=min(args.window_s, q.window_s),
+                      rounds=min(args.rounds, q.rounds), warmup_calls=min(args.warmup, q.warmup_calls), quick=True)
+    return Method(min_calls=args.min_calls, window_s=args.window_s, rounds=args.rounds, warmup_calls=args.warmup)
+
+
 def run(args) -> dict:
     import torch
 
     from exporters.onnx_export import export_onnx
     from exporters.triton_repo import build_repository
     from onestep.checkpoint import image_shape, load_model, load_teacher, save_model
-    from onestep.images import encode_image
     from onestep.noise import seeded_noise
+    from benchmarks.report import load_average
     from onestep.provenance import git_revision, machine_info, package_versions
     from onestep.samplers import make_sigmas, nfe, sample_euler, sample_heun
     from serving.engine import ImageEngine, to_uint8
 
     torch.set_num_threads(args.threads) if args.threads else None
+    method = method_from_args(args)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="onestep-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     student, smeta = load_model(args.student)
@@ -90,65 +265,47 @@ def run(args) -> dict:
         teacher_ckpt = work / "teacher.safetensors"
         if not teacher_ckpt.exists():
             save_model(teacher_ckpt, teacher, tmeta["model"], extra={"source": tmeta.get("source")})
-    points = [(p.split(":")[0], int(p.split(":")[1])) for p in args.teacher_points.split(",")]
+    points = [(p.split(":")[0], int(p.split(":")[1])) for p in args.teacher_points.split(",") if p]
     batches = [int(b) for b in args.batches.split(",")]
     shape = tuple(image_shape(smeta["model"]))  # any model kind, any channel count and resolution
     if tuple(image_shape(tmeta["model"])) != shape:
         raise ValueError(f"student images {shape} and teacher images {tuple(image_shape(tmeta['model']))} differ: "
                          f"benchmark a student against its own teacher")
     n_cls = int(getattr(student, "num_classes", 0))
-    backends = args.backends.split(",")
+    backends = [b for b in args.backends.split(",") if b]
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"unknown backends {sorted(unknown)}; choose from {', '.join(BACKENDS)}")
     res: dict = {"machine": machine_info(), "versions": package_versions(), "git_revision": git_revision(),
                  "command": ("onestep " if sys.argv[0].endswith("onestep") else "python -m benchmarks.latency ")
-                 + " ".join(sys.argv[1:]), "torch_threads":
-                 torch.get_num_threads(), "student": str(args.student), "teacher": str(args.teacher),
-                 "student_method": smeta.get("method"), "rows": []}
-    res["peak"] = measure_peak_flops("cpu")
+                 + " ".join(sys.argv[1:]), "torch_threads": torch.get_num_threads(), "student": str(args.student),
+                 "teacher": str(args.teacher), "student_method": smeta.get("method"), "method": method.as_dict(),
+                 "method_text": method.describe(), "rows": [], "ratios": [], "stage_tables": {}, "problems": [],
+                 "load_average_start": load_average()}
+    res["peak"] = measure_peak_flops("cpu", seconds=0.3 if method.quick else 2.0)
     z1 = torch.from_numpy(seeded_noise([0], shape))
     l1 = torch.tensor([0]) if n_cls else None
     f_student = count_flops(student, z1, l1)
     s_probe = min(80.0, float(teacher.sigma_max))
     f_denoiser = count_flops(teacher, z1 * s_probe, torch.tensor([s_probe]), l1)
     res["flops_per_image"] = {"student": f_student, "teacher_denoiser_call": f_denoiser}
-    print(json.dumps({"peak_gflops": res["peak"]["flops_per_s"] / 1e9, "student_mflops": f_student / 1e6}), flush=True)
-
-    def add(backend, model, k, batch, times, stages=None):
-        row = {"backend": backend, "model": model, "nfe": k, "batch": batch, **percentiles(times)}
-        row["images_per_s"] = batch / np.median(times)
-        flops = (f_student if k == 1 and model == "student" else f_denoiser * k) * batch
-        row["achieved_gflops"] = flops / np.median(times) / 1e9
-        row["mfu"] = flops / np.median(times) / res["peak"]["flops_per_s"]
-        if stages:
-            row["stages_ms"] = stages
-        res["rows"].append(row)
-        print(json.dumps({k2: (round(v, 3) if isinstance(v, float) else v) for k2, v in row.items()
-                          if k2 not in ("stages_ms",)}), flush=True)
-
+    print(json.dumps({"peak_gflops": res["peak"]["flops_per_s"] / 1e9, "student_mflops": f_student / 1e6,
+                      "method": method.describe()}), flush=True)
     models = [("student", 1, None, None)] + [(f"teacher_{s}{n}", nfe(s, n), s, n) for s, n in points]
-    # --- PyTorch eager / compile ---------------------------------------------------------------------------
+    nfe_of = {m[0]: m[1] for m in models}
+
+    # --- everything set up first, so that every path of a batch size can be interleaved in the same rounds
+    mods = {}
     for backend in [b for b in backends if b in ("eager", "compile")]:
-        s_mod, t_mod = student, teacher
-        if backend == "compile":
-            try:
-                s_mod, t_mod = torch.compile(student), torch.compile(teacher)
-                s_mod(z1, l1)
-            except Exception as e:  # compile needs a C++ toolchain; say why it was skipped
-                res.setdefault("skipped", {})["compile"] = f"{type(e).__name__}: {str(e)[:200]}"
-                continue
-        for b in batches:
-            z = torch.from_numpy(seeded_noise(range(b), shape))
-            lab = torch.arange(b) % n_cls if n_cls else None
-            for name, k, smp, steps in models:
-                if name == "student":
-                    fn = lambda: s_mod(z, lab)  # noqa: E731
-                else:
-                    sig = make_sigmas("karras", steps, teacher.sigma_min, teacher.sigma_max)
-                    sampler = sample_heun if smp == "heun" else sample_euler
-                    fn = lambda: sampler(t_mod, z, sig, lab)  # noqa: E731
-                with torch.no_grad():
-                    reps = max(3, args.repeats // max(1, k // 4))
-                    add(backend, name, k, b, time_fn(fn, args.warmup, reps, args.min_seconds))
-    # --- onnxruntime in-process, with the stage breakdown ---------------------------------------------------
+        if backend == "eager":
+            mods[backend] = (student, teacher)
+            continue
+        try:
+            mods[backend] = (torch.compile(student), torch.compile(teacher))
+            with torch.no_grad():
+                mods[backend][0](z1, l1)
+        except Exception as e:  # compile needs a C++ toolchain; say why it was skipped
+            res.setdefault("skipped", {})["compile"] = f"{type(e).__name__}: {str(e)[:200]}"
     s_onnx, t_onnx = work / "student.onnx", work / "teacher.onnx"
     if not s_onnx.exists():
         export_onnx(args.student, s_onnx)
@@ -158,165 +315,249 @@ def run(args) -> dict:
     engines = {"student": ImageEngine(s_onnx, providers, intra_op_threads=args.threads)}
     for name, k, smp, steps in models[1:]:
         engines[name] = ImageEngine(t_onnx, providers, smp, steps, intra_op_threads=args.threads)
-    inproc: dict = {}
-    if "onnxruntime" in backends:
-        for b in batches:
-            seeds = list(range(b))
-            lab = np.arange(b) % n_cls if n_cls else None
-            for name, k, _, _ in models:
-                eng = engines[name]
-                z = seeded_noise(seeds, shape)
-                reps = max(3, args.repeats // max(1, k // 4))
-                t_noise = time_fn(lambda: seeded_noise(seeds, shape), 1, reps)
-                t_model = time_fn(lambda: eng.model_output(z, lab), args.warmup, reps, args.min_seconds)
-                x = eng.model_output(z, lab)
-                t_post = time_fn(lambda: [encode_image(im.transpose(1, 2, 0)) for im in to_uint8(x)], 1, reps)
-                t_total = time_fn(lambda: eng.generate(seeds, lab), 1, reps)
-                stages = {"noise": float(np.median(t_noise) * 1e3), "model": float(np.median(t_model) * 1e3),
-                          "uint8+png": float(np.median(t_post) * 1e3)}
-                inproc[(name, b)] = float(np.median(t_total))
-                add("onnxruntime", name, k, b, t_total, stages)
-    # --- served: Triton gRPC / HTTP and the HTTP API ------------------------------------------------------
-    served = [b for b in backends if b in ("triton-grpc", "triton-http", "api")]
-    if served:
-        from serving.client import APIClient, TritonImageClient
-        from serving.triton_server import TritonServer
+    served = [b for b in backends if b in ("triton-grpc", "triton-http", "triton-tensor", "api")]
+    ts = api_srv = None
+    try:
+        if served or args.concurrency:
+            from serving.client import TritonImageClient
+            from serving.triton_server import TritonServer
 
-        repo = work / "repo"
-        build_repository(repo, s_onnx, "student", t_onnx, tuple((s, n) for s, n in points),
-                         max_batch=max(batches), max_queue_delay_us=args.queue_delay_us,
-                         onnx_providers=args.providers, intra_op_threads=args.threads, with_onnx_platform=False)
-        with TritonServer(repo, ready_timeout=180) as ts:
-            api_srv = None
+            repo = work / "repo"
+            levels = [int(c) for c in args.concurrency.split(",") if c]
+            man = build_repository(repo, s_onnx, "student", t_onnx, tuple((s, n) for s, n in points),
+                                   max_batch=args.max_batch or max(batches + levels), max_queue_delay_us=args.queue_delay_us,
+                                   onnx_providers=args.providers, intra_op_threads=args.threads,
+                                   with_onnx_platform=False)
+            res["repository_batching"] = man["batching"]
+            ts = TritonServer(repo, ready_timeout=600).start()
+            stat_client = TritonImageClient(ts.grpc_url, "grpc").client
+            clients = {"triton-grpc": TritonImageClient(ts.grpc_url, "grpc"),
+                       "triton-http": TritonImageClient(ts.http_url, "http"),
+                       "triton-tensor": TritonImageClient(ts.grpc_url, "grpc")}
+            tensor_names = (*man["models"]["student_tensor"]["inputs"], man["models"]["student_tensor"]["outputs"][0])
             if "api" in served:
                 api_srv = _start_api(ts, repo)
-            clients = {"triton-grpc": TritonImageClient(ts.grpc_url, "grpc"),
-                       "triton-http": TritonImageClient(ts.http_url, "http")}
-            for backend in served:
-                for b in batches:
-                    seeds = list(range(b))
-                    lab = [s % n_cls for s in seeds] if n_cls else None
-                    for name, k, _, _ in models:
-                        if backend == "api":
-                            if b > 64:
-                                continue
-                            c = APIClient(api_srv.url)
-                            fn = lambda: c.generate(name, seeds, lab)  # noqa: E731
+        for b in batches:
+            seeds = list(range(b))
+            lab_np = (np.arange(b) % n_cls).astype(np.int64) if n_cls else None
+            z = seeded_noise(seeds, shape)
+            zt = torch.from_numpy(z)
+            lab_t = torch.from_numpy(lab_np) if n_cls else None
+            paths, hooks = {}, {}
+            for backend in backends:
+                for name, k, smp, steps in models:
+                    key = f"{backend}|{name}"
+                    if backend in mods:
+                        s_mod, t_mod = mods[backend]
+                        if name == "student":
+                            fn = (lambda m=s_mod: _no_grad(m, zt, lab_t))
                         else:
-                            fn = lambda: clients[backend].generate(name, seeds, lab)  # noqa: E731
-                        reps = max(3, args.repeats // max(1, k // 4))
-                        times = time_fn(fn, args.warmup, reps, args.min_seconds)
-                        stages = None
-                        if (name, b) in inproc:
-                            stages = {"in_process_total": inproc[(name, b)] * 1e3,
-                                      "transport+queue+ipc": float(np.median(times) - inproc[(name, b)]) * 1e3}
-                        add(backend, name, k, b, times, stages)
-            if "triton-grpc" in served and args.concurrency:
-                res["concurrency"] = _concurrency_sweep(ts.grpc_url, [int(c) for c in args.concurrency.split(",")],
-                                                        n_cls, args.min_seconds)
-            if api_srv:
-                api_srv.stop()
+                            sig = make_sigmas("karras", steps, teacher.sigma_min, teacher.sigma_max)
+                            sampler = sample_heun if smp == "heun" else sample_euler
+                            fn = (lambda m=t_mod, sig=sig, sampler=sampler: _no_grad_sample(sampler, m, zt, sig, lab_t))
+                    elif backend == "onnxruntime":
+                        fn = (lambda eng=engines[name]: _inprocess_call(eng, seeds, shape, lab_np, seeded_noise,
+                                                                        to_uint8))
+                    elif backend in ("triton-grpc", "triton-http"):
+                        s_a = np.asarray(seeds, np.int64).reshape(-1, 1)
+                        l_a = lab_np.reshape(-1, 1) if n_cls else None
+                        fn = (lambda c=clients[backend], m=name, s_a=s_a, l_a=l_a: triton_call(c, m, s_a, l_a))
+                        hooks[key] = statistics_hook(stat_client, name)
+                    elif backend == "triton-tensor":
+                        if name != "student":
+                            continue  # the raw-tensor contract is the student graph's
+                        l_a = lab_np.reshape(-1, 1) if n_cls else None
+                        fn = (lambda c=clients[backend], l_a=l_a: tensor_call(c, "student_tensor", seeds, shape, l_a,
+                                                                             tensor_names))
+                        hooks[key] = statistics_hook(stat_client, "student_tensor")
+                    elif backend == "api":
+                        if b > 64:
+                            continue
+                        body = {"model": name, "seeds": seeds, "format": "png"}
+                        if n_cls:
+                            body["labels"] = [int(x) for x in lab_np]
+                        fn = (lambda body=body: api_call(api_srv.url, body))
+                        hooks[key] = statistics_hook(stat_client, name)
+                    else:
+                        continue
+                    paths[key] = fn
+            print(json.dumps({"batch": b, "paths": list(paths), "rounds": method.rounds}), flush=True)
+            results = stats.run_interleaved(paths, method, hooks, log=lambda t: print(t, flush=True))
+            _collect(res, results, b, nfe_of, f_student, f_denoiser)
+        if args.concurrency and ts is not None:
+            from benchmarks.queue_delay import concurrency_sweep
+
+            res["concurrency"] = concurrency_sweep(ts.grpc_url, "student", [int(c) for c in args.concurrency.split(",")],
+                                                   n_cls, method)
+    finally:
+        if api_srv is not None:
+            api_srv.stop()
+        if ts is not None:
+            ts.stop()
+    res["load_average_end"] = load_average()
     res["summary"] = summarise(res)
     return res
 
 
-def _start_api(ts, repo):
-    from serving.api import APISettings
-    from serving.background import APIThread
-
-    return APIThread(APISettings(triton_url=ts.grpc_url, repository=str(repo), max_images=256,
-                                 max_inflight=256)).start()
+BACKENDS = ("eager", "compile", "onnxruntime", "triton-grpc", "triton-http", "triton-tensor", "api")
 
 
-def _concurrency_sweep(url: str, levels: list[int], n_cls: int, seconds: float) -> list[dict]:
-    """Closed-loop clients, batch 1 each, against the student over gRPC: throughput and latency per level."""
-    from concurrent.futures import ThreadPoolExecutor
+def _no_grad(m, z, lab):
+    import torch
 
-    from serving.client import TritonImageClient
+    with torch.no_grad():
+        m(z, lab)
 
-    out = []
-    for c in levels:
-        def worker(i):
-            cl = TritonImageClient(url, "grpc")
-            lat, t_end, s = [], time.perf_counter() + max(seconds, 2.0), i * 100_000
-            while time.perf_counter() < t_end:
-                t = time.perf_counter()
-                cl.generate("student", [s], [s % n_cls] if n_cls else None)
-                lat.append(time.perf_counter() - t)
-                s += 1
-            cl.close()
-            return lat
 
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(c) as ex:
-            lats = sum(ex.map(worker, range(c)), [])
-        wall = time.perf_counter() - t0
-        row = {"concurrency": c, "images_per_s": len(lats) / wall, **percentiles(lats)}
-        print(json.dumps(row), flush=True)
-        out.append(row)
-    return out
+def _no_grad_sample(sampler, m, z, sig, lab):
+    import torch
+
+    with torch.no_grad():
+        sampler(m, z, sig, lab)
+
+
+def _inprocess_call(eng, seeds, shape, labels, seeded_noise, to_uint8) -> dict:
+    """What the served model does for one batch, in this process: noise, model, encode (to uint8)."""
+    t0 = perf()
+    z = seeded_noise(seeds, shape)
+    t1 = perf()
+    x = eng.model_output(z, labels)
+    t2 = perf()
+    to_uint8(x)
+    t3 = perf()
+    return {"noise": t1 - t0, "model": t2 - t1, "encode (uint8)": t3 - t2}
+
+
+def _collect(res: dict, results: dict[str, stats.PathResult], batch: int, nfe_of: dict, f_student: int,
+             f_denoiser: int) -> None:
+    """Rows, stage tables and ratios of one interleaved group (one batch size)."""
+    rounds_ms = {}
+    for key, pr in results.items():
+        backend, model = key.split("|")
+        k = nfe_of[model]
+        med = np.asarray(pr.round_medians()) * 1e3
+        rounds_ms[key] = med
+        e = stats.estimate(med)
+        row = {"backend": backend, "model": model, "nfe": k, "batch": batch, **percentiles(pr.all_calls()),
+               "p50_ms": e["median"], "p50_ci_ms": [e["ci_low"], e["ci_high"]], "round_spread": e["spread"],
+               "large_spread": e["large_spread"], "round_medians_ms": [float(x) for x in med]}
+        flops = (f_student if k == 1 and model == "student" else f_denoiser * k) * batch
+        row["images_per_s"] = batch / (e["median"] / 1e3)
+        row["achieved_gflops"] = flops / (e["median"] / 1e3) / 1e9
+        row["mfu"] = flops / (e["median"] / 1e3) / res["peak"]["flops_per_s"]
+        stage_rounds, problems = None, []
+        if backend == "onnxruntime":
+            stage_rounds = pr.stage_round_means()
+        elif pr.extra and pr.extra[0]:
+            stage_rounds, problems = served_stage_rounds(pr)
+        if stage_rounds:
+            table = stats.stage_table(pr.round_means(), stage_rounds)
+            if problems:
+                table["adds_up"] = False
+                table["problems"] = problems
+                res["problems"] += [f"{key} batch {batch}: {p}" for p in problems]
+            res["stage_tables"][f"{backend}/{model}/batch{batch}"] = table
+            row["stages_ms"] = {s: v["median"] for s, v in table["stages_ms"].items()}
+            if pr.extra and pr.extra[0]:
+                ex = sum(e["executions"] for e in pr.extra)
+                row["triton_mean_batch"] = sum(e["inferences"] for e in pr.extra) / ex if ex else None
+        res["rows"].append(row)
+        print(json.dumps({k2: (round(v, 3) if isinstance(v, float) else v) for k2, v in row.items()
+                          if k2 not in ("stages_ms", "round_medians_ms")}), flush=True)
+    for key, med in rounds_ms.items():  # student speed-ups: teacher / student, same backend
+        backend, model = key.split("|")
+        sk = f"{backend}|student"
+        if model != "student" and sk in rounds_ms:
+            r = stats.ratio(med, rounds_ms[sk])
+            res["ratios"].append({"kind": "speedup", "batch": batch, "backend": backend, "numerator": key,
+                                  "denominator": sk, "nfe": nfe_of[model], **r})
+    base = rounds_ms.get("onnxruntime|student")
+    if base is not None:  # served overhead: served / in-process, student
+        for key, med in rounds_ms.items():
+            backend, model = key.split("|")
+            if model == "student" and backend in ("triton-grpc", "triton-http", "triton-tensor", "api"):
+                res["ratios"].append({"kind": "served_overhead", "batch": batch, "backend": backend,
+                                      "numerator": key, "denominator": "onnxruntime|student",
+                                      **stats.ratio(med, base)})
 
 
 def summarise(res: dict) -> dict:
-    """Speed-ups (teacher / student latency) per backend and batch, measured in this run."""
-    by = {(r["backend"], r["model"], r["batch"]): r for r in res["rows"]}
-    speedups = []
-    for (backend, model, batch), r in by.items():
-        if model == "student":
-            continue
-        s = by.get((backend, "student", batch))
-        if s:
-            speedups.append({"backend": backend, "batch": batch, "teacher": model, "nfe": r["nfe"],
-                             "speedup": r["p50_ms"] / s["p50_ms"], "speedup_over_nfe": r["p50_ms"] / s["p50_ms"] / r["nfe"]})
-    overhead = {}
-    for b in {r["batch"] for r in res["rows"]}:
-        o = by.get(("onnxruntime", "student", b))
-        for served in ("triton-grpc", "triton-http", "api"):
-            s = by.get((served, "student", b))
-            if o and s:
-                overhead[f"{served}/batch{b}"] = s["p50_ms"] / o["p50_ms"]
+    """Speed-ups and served overheads (medians of per-round ratios, with intervals), the best MFU and the
+    checks: stage tables that do not add up, figures whose rounds disagree."""
+    speedups = [{"backend": r["backend"], "batch": r["batch"], "teacher": r["numerator"].split("|")[1],
+                 "nfe": r["nfe"], "speedup": r["median"], "ci": [r["ci_low"], r["ci_high"]],
+                 "speedup_over_nfe": r["median"] / r["nfe"], "large_spread": r["large_spread"]}
+                for r in res["ratios"] if r["kind"] == "speedup"]
+    overhead = {f"{r['backend']}/batch{r['batch']}": {"ratio": r["median"], "ci": [r["ci_low"], r["ci_high"]]}
+                for r in res["ratios"] if r["kind"] == "served_overhead"}
     best = max((r for r in res["rows"] if r["model"] == "student"), key=lambda r: r["mfu"], default=None)
+    spread = {f"{r['backend']}/{r['model']}/batch{r['batch']}": {"spread": r["round_spread"],
+                                                                 "large_spread": r["large_spread"]}
+              for r in res["rows"]}
+    spread.update({f"ratio {r['numerator']} / {r['denominator']} batch{r['batch']}": r for r in res["ratios"]})
     return {"speedups": speedups, "served_overhead_vs_onnxruntime": overhead,
+            "stages_do_not_add_up": stats.failed_sums(res["stage_tables"]),
+            "large_spread": stats.spread_notes(spread),
             "best_student_mfu": None if best is None else {k: best[k] for k in ("backend", "batch", "mfu",
                                                                                   "achieved_gflops")}}
 
 
 def to_markdown(res: dict) -> str:
-    m = res["machine"]
-    lines = ["# Latency: one-step student vs multi-step teacher", "",
-             f"Machine: {m.get('cpu_model', m.get('processor'))}, {m.get('cpu_count')} cores; torch threads "
-             f"{res['torch_threads']}; peak (fp32 matmul {res['peak']['matmul_n']}^3, same run): "
-             f"{res['peak']['flops_per_s']/1e9:.1f} GFLOP/s.",
-             f"FLOPs per image: student {res['flops_per_image']['student']/1e6:.1f} MFLOP; teacher "
-             f"{res['flops_per_image']['teacher_denoiser_call']/1e6:.1f} MFLOP per NFE.",
-             f"Command: `{res['command']}`  ", f"Revision: {res['git_revision']}", "",
-             "| backend | model | NFE | batch | p50 ms | p95 ms | p99 ms | images/s | MFU |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    from benchmarks.report import header_lines
+
+    summ = res["summary"]
+    lines = header_lines("Latency: one-step student vs multi-step teacher", res, summ["stages_do_not_add_up"],
+                         summ["large_spread"])
+    lines += [f"Torch threads {res['torch_threads']}; peak (fp32 matmul {res['peak']['matmul_n']}^3, same run): "
+              f"{res['peak']['flops_per_s']/1e9:.1f} GFLOP/s. FLOPs per image: student "
+              f"{res['flops_per_image']['student']/1e6:.1f} MFLOP; teacher "
+              f"{res['flops_per_image']['teacher_denoiser_call']/1e6:.1f} MFLOP per NFE.", ""]
+    if res.get("repository_batching"):
+        bt = res["repository_batching"]
+        lines += [f"Served models: dynamic batching, queue delay {bt['max_queue_delay_us']} us, max batch "
+                  f"{bt['max_batch']}, {bt['instances']} instance(s).", ""]
+    lines += ["p50 = median over rounds of each round's median call [95% CI]; p95/p99 over all calls.", "",
+              "| backend | model | NFE | batch | p50 ms [95% CI] | p95 ms | p99 ms | calls | images/s | MFU |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        lines.append(f"| {r['backend']} | {r['model']} | {r['nfe']} | {r['batch']} | {r['p50_ms']:.2f} | "
-                     f"{r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['images_per_s']:.1f} | {r['mfu']*100:.1f}% |")
-    lines += ["", "## Speed-up of the student (teacher p50 / student p50, same backend and batch)", "",
+        ci = f"{r['p50_ms']:.2f} [{r['p50_ci_ms'][0]:.2f}, {r['p50_ci_ms'][1]:.2f}]"
+        lines.append(f"| {r['backend']} | {r['model']} | {r['nfe']} | {r['batch']} | {ci} | {r['p95_ms']:.2f} | "
+                     f"{r['p99_ms']:.2f} | {r['runs']} | {r['images_per_s']:.1f} | {r['mfu']*100:.1f}% |")
+    lines += ["", "## Speed-up of the student (teacher / student, median of per-round ratios [95% CI])", "",
               "| backend | batch | teacher | NFE | speed-up | speed-up / NFE |", "|---|---|---|---|---|---|"]
-    for s in res["summary"]["speedups"]:
-        lines.append(f"| {s['backend']} | {s['batch']} | {s['teacher']} | {s['nfe']} | {s['speedup']:.1f}x | "
+    for s in summ["speedups"]:
+        e = {"median": s["speedup"], "ci_low": s["ci"][0], "ci_high": s["ci"][1]}
+        lines.append(f"| {s['backend']} | {s['batch']} | {s['teacher']} | {s['nfe']} | {fmt_ci(e, '.2f', 'x')} | "
                      f"{s['speedup_over_nfe']:.2f} |")
-    lines += ["", "## Served overhead (served p50 / in-process onnxruntime p50, student)", ""]
-    for k, v in sorted(res["summary"]["served_overhead_vs_onnxruntime"].items()):
-        lines.append(f"- {k}: {v:.2f}x")
-    stages = [r for r in res["rows"] if "stages_ms" in r and r["backend"] == "onnxruntime"]
-    if stages:
-        lines += ["", "## Per-stage breakdown (onnxruntime in-process, ms)", "",
-                  "| model | batch | noise | model | uint8+png |", "|---|---|---|---|---|"]
-        for r in stages:
-            st = r["stages_ms"]
-            lines.append(f"| {r['model']} | {r['batch']} | {st['noise']:.2f} | {st['model']:.2f} | {st['uint8+png']:.2f} |")
+    if summ["served_overhead_vs_onnxruntime"]:
+        lines += ["", "## Served overhead (served / in-process onnxruntime, student, median of per-round ratios "
+                  "[95% CI])", ""]
+        for k, v in sorted(summ["served_overhead_vs_onnxruntime"].items()):
+            e = {"median": v["ratio"], "ci_low": v["ci"][0], "ci_high": v["ci"][1]}
+            lines.append(f"- {k}: {fmt_ci(e, '.2f', 'x')}")
+    if res["stage_tables"]:
+        lines += ["", "## Stages (ms per call, median over rounds of per-round means, from the same calls as the "
+                  "total)", ""]
+        for name, t in res["stage_tables"].items():
+            verdict = "add up" if t["adds_up"] else "DO NOT add up"
+            lines += [f"### {name}: stages {verdict} (sum {t['sum_ms']['median']:.3f} ms, total "
+                      f"{fmt_ci(t['total_ms'], '.3f')} ms)", "", "| stage | ms [95% CI] |", "|---|---|"]
+            for s in t.get("order", list(t["stages_ms"])):  # request order (JSON files sort keys)
+                lines.append(f"| {s} | {fmt_ci(t['stages_ms'][s], '.3f')} |")
+            lines.append(f"| **total** | {fmt_ci(t['total_ms'], '.3f')} |")
+            lines.append(f"| unaccounted (total - stages) | {fmt_ci(t['unaccounted_ms'], '.3f')} |")
+            for p in t.get("problems", []):
+                lines.append(f"\nProblem: {p}")
+            lines.append("")
     if res.get("concurrency"):
-        lines += ["", "## Concurrency sweep (student, Triton gRPC, batch 1 per request)", "",
-                  "| clients | images/s | p50 ms | p99 ms |", "|---|---|---|---|"]
+        lines += ["## Concurrency sweep (student, Triton gRPC, batch 1 per request, closed loop)", "",
+                  "| clients | images/s [95% CI] | p50 ms [95% CI] | p99 ms |", "|---|---|---|---|"]
         for c in res["concurrency"]:
-            lines.append(f"| {c['concurrency']} | {c['images_per_s']:.1f} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} |")
+            lines.append(f"| {c['concurrency']} | {fmt_ci(c['images_per_s'], '.1f')} | {fmt_ci(c['p50_ms'], '.2f')} "
+                         f"| {c['p99_ms']:.2f} |")
     if res.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in res["skipped"].items())]
+    lines += ["", f"Command: `{res['command']}`  ", f"Revision: {res['git_revision']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -332,7 +573,8 @@ def plot(res: dict, path: Path) -> None:
         if not rows:
             continue
         rows.sort(key=lambda r: r["nfe"])
-        ax.plot([r["nfe"] for r in rows], [r["p50_ms"] for r in rows], "o-", label=backend)
+        ax.errorbar([r["nfe"] for r in rows], [r["p50_ms"] for r in rows], fmt="o-", label=backend,
+                    yerr=[[r["p50_ms"] - r["p50_ci_ms"][0] for r in rows], [r["p50_ci_ms"][1] - r["p50_ms"] for r in rows]])
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("network evaluations per image (NFE); 1 = the student")
@@ -345,23 +587,38 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _start_api(ts, repo):
+    from serving.api import APISettings
+    from serving.background import APIThread
+
+    return APIThread(APISettings(triton_url=ts.grpc_url, repository=str(repo), max_images=256,
+                                 max_inflight=256)).start()
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
+    from exporters.triton_repo import DEFAULT_MAX_QUEUE_DELAY_US
+
     ap.add_argument("--student", default="artifacts/fmnist-student.safetensors")
     ap.add_argument("--teacher", default="artifacts/fmnist-teacher.safetensors",
                     help="the student's teacher: our checkpoint or a diffusers model folder")
-    ap.add_argument("--teacher-points", default="euler:2,euler:4,euler:8,heun:18",
+    ap.add_argument("--teacher-points", default="euler:2,euler:8,heun:18",
                     help="teacher sampler:steps points (NFE = steps for euler, 2*steps-1 for heun)")
-    ap.add_argument("--batches", default="1,8,64")
-    ap.add_argument("--backends", default="eager,onnxruntime,triton-grpc,triton-http,api",
-                    help="eager, compile, onnxruntime, triton-grpc, triton-http, api")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--backends", default="eager,onnxruntime,triton-grpc,triton-http,triton-tensor,api",
+                    help=", ".join(BACKENDS))
     ap.add_argument("--providers", default="CPUExecutionProvider")
     ap.add_argument("--threads", type=int, default=0, help="torch / onnxruntime threads (0 = default)")
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--min-seconds", type=float, default=1.0)
-    ap.add_argument("--queue-delay-us", type=int, default=500)
+    ap.add_argument("--min-calls", type=int, default=200, help="timed calls per path, at least")
+    ap.add_argument("--window-s", type=float, default=10.0, help="timed seconds per path, at least")
+    ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds the calls are split into")
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up calls per path")
+    ap.add_argument("--queue-delay-us", type=int, default=DEFAULT_MAX_QUEUE_DELAY_US)
+    ap.add_argument("--max-batch", type=int, default=0,
+                    help="max batch of the served models (0 = the largest of --batches and --concurrency)")
     ap.add_argument("--concurrency", default="1,4,16", help="client counts for the served sweep ('' = none)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: batch 1, two teacher points, few repeats")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: batch 1, two teacher points, the same method with short windows "
+                         "(figures indicative only)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", required=True, help="output stem: STEM.json, STEM.md, STEM.png")
 
@@ -370,8 +627,9 @@ def main_args(args) -> int:
     from onestep.provenance import atomic_write_bytes, atomic_write_json
 
     if args.quick:
-        args.batches, args.teacher_points, args.repeats, args.min_seconds = "1", "euler:2,heun:3", 5, 0.0
-        args.concurrency, args.warmup = "1,4", 1
+        args.batches, args.teacher_points = "1", "euler:2,heun:3"
+        if args.concurrency == "1,4,16":
+            args.concurrency = "1,4"
     res = run(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

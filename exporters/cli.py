@@ -29,9 +29,12 @@ def cmd_triton(args) -> int:
     from benchmarks.quality import parse_points
     from exporters.triton_repo import build_repository
 
+    preferred = tuple(int(x) for x in args.preferred_batch_sizes.split(",") if x.strip())
     man = build_repository(args.out, args.student, args.name, args.teacher,
                            tuple(parse_points(args.teacher_steps)), args.engine, args.max_batch,
-                           args.max_queue_delay_us, args.instances, args.kind, args.providers, args.intra_op_threads)
+                           args.max_queue_delay_us, args.instances, args.kind, args.providers, args.intra_op_threads,
+                           preferred_batch_sizes=preferred, max_queue_size=args.max_queue_size,
+                           queue_timeout_us=args.queue_timeout_us)
     print(json.dumps({"repository": args.out, "models": list(man["models"])}, indent=2))
     return 0
 
@@ -63,6 +66,8 @@ def register(sub) -> None:
     t.add_argument("--timing-cache", default=None)
     t.set_defaults(fn=cmd_tensorrt)
 
+    from exporters import triton_repo as tr
+
     r = ex.add_parser("triton", help="ONNX/engine artifacts -> Triton model repository")
     r.add_argument("--out", required=True, help="repository folder")
     r.add_argument("--student", default=None, help="student ONNX (generator graph); an unconditional student "
@@ -72,7 +77,16 @@ def register(sub) -> None:
     r.add_argument("--teacher-steps", default="heun:18", help="sampler:steps list, e.g. euler:4,heun:18")
     r.add_argument("--engine", default=None, help="TensorRT engine (.plan) to add as <name>_trt")
     r.add_argument("--max-batch", type=int, default=64)
-    r.add_argument("--max-queue-delay-us", type=int, default=2000)
+    r.add_argument("--max-queue-delay-us", type=int, default=tr.DEFAULT_MAX_QUEUE_DELAY_US,
+                   help="dynamic batcher queue delay in microseconds (default %(default)s, chosen with python -m "
+                        "benchmarks.queue_delay; see benchmarks/results/queue_delay.md)")
+    r.add_argument("--preferred-batch-sizes", default=",".join(map(str, tr.DEFAULT_PREFERRED_BATCH_SIZES)),
+                   help="comma list of preferred batch sizes, the maximum batch is always added "
+                        "(default %(default)s; '' = only the maximum batch)")
+    r.add_argument("--max-queue-size", type=int, default=tr.DEFAULT_MAX_QUEUE_SIZE,
+                   help="requests the batcher queue holds; further requests are rejected at once (0 = unbounded)")
+    r.add_argument("--queue-timeout-us", type=int, default=tr.DEFAULT_QUEUE_TIMEOUT_US,
+                   help="requests queued longer are rejected (0 = never); clients may ask for less")
     r.add_argument("--instances", type=int, default=1)
     r.add_argument("--kind", default="cpu", choices=["cpu", "gpu"])
     r.add_argument("--providers", default="CPUExecutionProvider",

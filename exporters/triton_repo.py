@@ -4,11 +4,21 @@ config.pbtxt files are built as `ModelConfig` protobuf messages (Triton's own sc
 tritonclient) and printed with protobuf's text format, never from string templates. For each student:
 - `<name>`        python backend, SEED[, LABEL] -> IMAGE uint8 (noise, model and post-processing inside);
                   loads in the bundled local server (python backend only) and in NVIDIA's container alike;
-- `<name>_onnx`   platform onnxruntime_onnx, z[, labels] -> image (production container only);
-- `<name>_trt`    platform tensorrt_plan when an engine is given (production container with a GPU).
+- `<name>_tensor` python backend running onnxruntime, z[, labels] -> image float32: the raw-tensor contract
+                  of `<name>_onnx`, written beside it because the Triton bundled in nvidia-pytriton (where
+                  the product runs and is measured locally) has only the python backend and cannot load
+                  `<name>_onnx`; same inputs, outputs and batching, so a client can switch between the two;
+- `<name>_onnx`   platform onnxruntime_onnx, z[, labels] -> image (NVIDIA's container only);
+- `<name>_trt`    platform tensorrt_plan when an engine is given (NVIDIA's container with a GPU).
 For a teacher: `<name>_<sampler><steps>` python-backend models, the same SEED/LABEL -> IMAGE contract served
 by an N-step sampler, so student and teacher are compared through the same path.
 `repository.json` at the root lists the models and which backends each needs.
+
+Every model gets dynamic batching with the queue delay `DEFAULT_MAX_QUEUE_DELAY_US` unless told otherwise
+(the value comes from `python -m benchmarks.queue_delay`, see benchmarks/results/queue_delay.md), a bounded
+queue (`DEFAULT_MAX_QUEUE_SIZE` requests, requests waiting longer than `DEFAULT_QUEUE_TIMEOUT_US` are
+rejected, clients may ask for a shorter timeout) and warm-up requests at batch 1 and at the maximum batch,
+so the first real request of either size does not pay for first-call allocations.
 """
 
 from __future__ import annotations
@@ -16,26 +26,40 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from exporters.onnx_export import ExportError, artifact_sidecar, read_sidecar
 from onestep.provenance import atomic_write_bytes, atomic_write_json, stamp
 
 MODEL_PY = Path(__file__).resolve().parent.parent / "serving" / "triton_model.py"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
+
+# Dynamic batcher defaults (single source: the CLI and the benchmarks read them from here). The queue delay and
+# the preferred sizes are the ones `python -m benchmarks.queue_delay` recommends (batch-1 latency and throughput
+# at 1, 4 and 16 clients; benchmarks/results/queue_delay.md).
+DEFAULT_MAX_QUEUE_DELAY_US = 100
+DEFAULT_PREFERRED_BATCH_SIZES = (8, 32)  # plus the maximum batch
+DEFAULT_MAX_QUEUE_SIZE = 256  # requests waiting in the batcher; beyond that a request is rejected at once
+DEFAULT_QUEUE_TIMEOUT_US = 30_000_000  # a request queued longer than this is rejected (clients may ask less)
+
+
+def _error(message: str) -> Exception:
+    from exporters.onnx_export import ExportError  # lazily: this module is read by argument parsers, torch-free
+
+    return ExportError(message)
 
 
 def _pb():
     try:
         from tritonclient.grpc import model_config_pb2
     except ImportError as e:
-        raise ExportError("writing Triton configs needs tritonclient: pip install 'tritonclient[grpc]'") from e
+        raise _error("writing Triton configs needs tritonclient: pip install 'tritonclient[grpc]'") from e
     return model_config_pb2
 
 
 def check_name(name: str) -> str:
     if not NAME_RE.match(name):
-        raise ExportError(f"invalid model name {name!r}: use lowercase letters, digits, '_' or '-' (max 64)")
+        raise _error(f"invalid model name {name!r}: use lowercase letters, digits, '_' or '-' (max 64)")
     return name
 
 
@@ -45,43 +69,72 @@ def _text(cfg) -> str:
     return text_format.MessageToString(cfg)
 
 
-def _common(pb, cfg, max_batch: int, max_queue_delay_us: int, instances: int, kind: str, preferred=()):
-    cfg.max_batch_size = max_batch
-    cfg.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
-    cfg.dynamic_batching.preferred_batch_size.extend(p for p in preferred if p <= max_batch)
+@dataclass(frozen=True)
+class Batching:
+    """Dynamic batcher, queue policy and instances of every generated model."""
+
+    max_batch: int = 64
+    max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US
+    preferred: tuple[int, ...] = DEFAULT_PREFERRED_BATCH_SIZES
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
+    queue_timeout_us: int = DEFAULT_QUEUE_TIMEOUT_US
+    instances: int = 1
+    kind: str = "cpu"
+
+    def __post_init__(self):
+        if self.max_batch < 1 or self.max_queue_delay_us < 0 or self.max_queue_size < 0 or self.queue_timeout_us < 0:
+            raise _error("max batch must be >= 1; queue delay, queue size and queue timeout >= 0")
+
+
+def _common(pb, cfg, b: Batching, max_batch: int | None = None, kind: str | None = None):
+    mb = b.max_batch if max_batch is None else max_batch
+    cfg.max_batch_size = mb
+    db = cfg.dynamic_batching
+    db.max_queue_delay_microseconds = b.max_queue_delay_us
+    db.preferred_batch_size.extend(sorted({p for p in b.preferred if 1 < p < mb} | ({mb} if mb > 1 else set())))
+    q = db.default_queue_policy
+    q.timeout_action = pb.ModelQueuePolicy.REJECT
+    q.default_timeout_microseconds = b.queue_timeout_us
+    q.allow_timeout_override = True
+    q.max_queue_size = b.max_queue_size
     g = cfg.instance_group.add()
-    g.count = instances
-    g.kind = pb.ModelInstanceGroup.KIND_GPU if kind == "gpu" else pb.ModelInstanceGroup.KIND_CPU
+    g.count = b.instances
+    g.kind = pb.ModelInstanceGroup.KIND_GPU if (kind or b.kind) == "gpu" else pb.ModelInstanceGroup.KIND_CPU
     cfg.version_policy.latest.num_versions = 1
 
 
-def seed_label_config(pb, name: str, num_classes: int, shape, params: dict, max_batch: int, max_queue_delay_us: int,
-                      instances: int, kind: str):
+def _warmup(pb, cfg, inputs: list[tuple[str, int, list[int]]], batches) -> None:
+    """Warm-up requests with zero inputs, one per batch size (each instance runs them before it is ready)."""
+    for bs in sorted(set(batches)):
+        w = cfg.model_warmup.add(name=f"zeros_batch{bs}", batch_size=bs)
+        for name, dtype, dims in inputs:
+            w.inputs[name].data_type = dtype
+            w.inputs[name].dims.extend(dims)
+            w.inputs[name].zero_data = True
+
+
+def seed_label_config(pb, name: str, num_classes: int, shape, params: dict, b: Batching):
     cfg = pb.ModelConfig(name=name, backend="python")
-    _common(pb, cfg, max_batch, max_queue_delay_us, instances, kind, preferred=(8, 32, max_batch))
+    _common(pb, cfg, b)
     cfg.input.add(name="SEED", data_type=pb.TYPE_INT64, dims=[1])
     if num_classes:
         cfg.input.add(name="LABEL", data_type=pb.TYPE_INT64, dims=[1])
     cfg.output.add(name="IMAGE", data_type=pb.TYPE_UINT8, dims=list(shape))
     for k, v in params.items():
         cfg.parameters[k].string_value = str(v)
-    # EXECUTION_ENV_PATH etc. are left to the deployment; warm-up runs seed 0 (label 0) once per instance
-    w = cfg.model_warmup.add(name="seed0", batch_size=1)
-    w.inputs["SEED"].data_type = pb.TYPE_INT64
-    w.inputs["SEED"].dims.extend([1])
-    w.inputs["SEED"].zero_data = True
-    if num_classes:
-        w.inputs["LABEL"].data_type = pb.TYPE_INT64
-        w.inputs["LABEL"].dims.extend([1])
-        w.inputs["LABEL"].zero_data = True
+    # EXECUTION_ENV_PATH etc. are left to the deployment; warm-up runs seed 0 (label 0) at batch 1 and max batch
+    _warmup(pb, cfg, [(i.name, i.data_type, list(i.dims)) for i in cfg.input], (1, b.max_batch))
     return cfg
 
 
-def tensor_config(pb, name: str, platform: str, meta: dict, max_batch: int, max_queue_delay_us: int,
-                  instances: int, kind: str):
-    cfg = pb.ModelConfig(name=name, platform=platform)
-    _common(pb, cfg, max_batch, max_queue_delay_us, instances, kind, preferred=(8, 32, max_batch))
+def tensor_config(pb, name: str, meta: dict, b: Batching, platform: str | None = None, backend: str | None = None,
+                  params: dict | None = None, max_batch: int | None = None, kind: str | None = None):
+    """z[, labels] -> image with the graph's own tensor names: a native platform (onnxruntime_onnx,
+    tensorrt_plan) or the python backend (`backend="python"`, with `params` for the model)."""
+    cfg = pb.ModelConfig(name=name, platform=platform or "", backend=backend or "")
+    _common(pb, cfg, b, max_batch, kind)
     types = {"float32": pb.TYPE_FP32, "int64": pb.TYPE_INT64, "float16": pb.TYPE_FP16}
+    warm = []
     for spec, target in ((meta["inputs"], cfg.input), (meta["outputs"], cfg.output)):
         for t in spec:
             dims = list(t["shape"][1:])
@@ -91,6 +144,11 @@ def tensor_config(pb, name: str, platform: str, meta: dict, max_batch: int, max_
                 io = target.add(name=t["name"], data_type=types[t["dtype"]], dims=[1])
                 io.reshape.shape.extend([])
                 io.reshape.SetInParent()
+            if target is cfg.input:
+                warm.append((t["name"], types[t["dtype"]], dims or [1]))
+    for k, v in (params or {}).items():
+        cfg.parameters[k].string_value = str(v)
+    _warmup(pb, cfg, warm, (1, cfg.max_batch_size))
     return cfg
 
 
@@ -108,9 +166,16 @@ def _write_model(root: Path, name: str, cfg, files: dict[str, Path | bytes]) -> 
 
 def build_repository(out_dir: str | Path, student_onnx: str | Path | None = None, name: str = "onestep",
                      teacher_onnx: str | Path | None = None, teacher_steps: tuple[tuple[str, int], ...] = (("heun", 18),),
-                     engine: str | Path | None = None, max_batch: int = 64, max_queue_delay_us: int = 2000,
-                     instances: int = 1, kind: str = "cpu", onnx_providers: str = "CPUExecutionProvider",
-                     intra_op_threads: int = 0, with_onnx_platform: bool = True) -> dict:
+                     engine: str | Path | None = None, max_batch: int = 64,
+                     max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US, instances: int = 1, kind: str = "cpu",
+                     onnx_providers: str = "CPUExecutionProvider", intra_op_threads: int = 0,
+                     with_onnx_platform: bool = True, *, preferred_batch_sizes=DEFAULT_PREFERRED_BATCH_SIZES,
+                     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE, queue_timeout_us: int = DEFAULT_QUEUE_TIMEOUT_US,
+                     with_tensor_model: bool = True) -> dict:
+    b = Batching(max_batch, max_queue_delay_us, tuple(preferred_batch_sizes), max_queue_size, queue_timeout_us,
+                 instances, kind)
+    from exporters.onnx_export import artifact_sidecar, read_sidecar
+
     pb = _pb()
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -120,34 +185,43 @@ def build_repository(out_dir: str | Path, student_onnx: str | Path | None = None
         check_name(name)
         meta = read_sidecar(student_onnx)
         if meta["graph"] != "generator":
-            raise ExportError(f"{student_onnx} is a {meta['graph']} graph; the student must be a generator graph")
+            raise _error(f"{student_onnx} is a {meta['graph']} graph; the student must be a generator graph")
         shape, n_cls = meta["image_shape"], int(meta["num_classes"])
         params = {"mode": "generator", "onnx_file": "model.onnx", "image_shape": ",".join(map(str, shape)),
                   "num_classes": n_cls, "providers": onnx_providers, "intra_op_threads": intra_op_threads,
                   "source_sha256": meta["source_sha256"], "onnx_sha256": meta["sha256"]}
-        cfg = seed_label_config(pb, name, n_cls, shape, params, max_batch, max_queue_delay_us, instances, kind)
+        cfg = seed_label_config(pb, name, n_cls, shape, params, b)
         _write_model(root, name, cfg, {"model.py": model_py, "model.onnx": Path(student_onnx),
                                        "model.onnx.json": artifact_sidecar(student_onnx)})
         manifest["models"][name] = {"role": "student", "backend": "python", "local": True, "num_classes": n_cls,
                                     "image_shape": shape, "nfe": 1, "method": meta.get("method"),
                                     "onnx_sha256": meta["sha256"]}
+        if with_tensor_model:  # the raw-tensor contract on the python backend (see the module docstring)
+            tparams = {**params, "mode": "tensor"}
+            cfg = tensor_config(pb, f"{name}_tensor", meta, b, backend="python", params=tparams)
+            _write_model(root, f"{name}_tensor", cfg, {"model.py": model_py, "model.onnx": Path(student_onnx),
+                                                       "model.onnx.json": artifact_sidecar(student_onnx)})
+            # "python-tensor": runs on the python backend, but speaks z[, labels] -> image, not SEED -> IMAGE
+            manifest["models"][f"{name}_tensor"] = {"role": "student-tensor", "backend": "python-tensor",
+                                                    "local": True, "num_classes": n_cls, "image_shape": shape,
+                                                    "nfe": 1, "inputs": [t["name"] for t in meta["inputs"]],
+                                                    "outputs": [t["name"] for t in meta["outputs"]]}
         if with_onnx_platform:
-            cfg = tensor_config(pb, f"{name}_onnx", "onnxruntime_onnx", meta, max_batch, max_queue_delay_us,
-                                instances, kind)
+            cfg = tensor_config(pb, f"{name}_onnx", meta, b, platform="onnxruntime_onnx")
             _write_model(root, f"{name}_onnx", cfg, {"model.onnx": Path(student_onnx)})
             manifest["models"][f"{name}_onnx"] = {"role": "student-tensor", "backend": "onnxruntime", "local": False,
                                                   "num_classes": n_cls, "image_shape": shape, "nfe": 1}
         if engine is not None:
             emeta = json.loads(artifact_sidecar(engine).read_text())
-            cfg = tensor_config(pb, f"{name}_trt", "tensorrt_plan", emeta, min(max_batch, emeta["profile"]["max"]),
-                                max_queue_delay_us, instances, "gpu")
+            cfg = tensor_config(pb, f"{name}_trt", emeta, b, platform="tensorrt_plan",
+                                max_batch=min(max_batch, emeta["profile"]["max"]), kind="gpu")
             _write_model(root, f"{name}_trt", cfg, {"model.plan": Path(engine)})
             manifest["models"][f"{name}_trt"] = {"role": "student-tensor", "backend": "tensorrt", "local": False,
                                                  "num_classes": n_cls, "image_shape": shape, "nfe": 1}
     if teacher_onnx is not None:
         meta = read_sidecar(teacher_onnx)
         if meta["graph"] != "denoiser":
-            raise ExportError(f"{teacher_onnx} is a {meta['graph']} graph; the teacher must be a denoiser graph")
+            raise _error(f"{teacher_onnx} is a {meta['graph']} graph; the teacher must be a denoiser graph")
         shape, n_cls = meta["image_shape"], int(meta["num_classes"])
         from onestep.samplers import nfe
 
@@ -158,14 +232,17 @@ def build_repository(out_dir: str | Path, student_onnx: str | Path | None = None
                       "sampler": sampler, "steps": steps, "schedule": "karras", "sigma_min": meta["sigma_min"],
                       "sigma_max": meta["sigma_max"], "source_sha256": meta["source_sha256"],
                       "onnx_sha256": meta["sha256"]}
-            cfg = seed_label_config(pb, tname, n_cls, shape, params, max_batch, max_queue_delay_us, instances, kind)
+            cfg = seed_label_config(pb, tname, n_cls, shape, params, b)
             _write_model(root, tname, cfg, {"model.py": model_py, "model.onnx": Path(teacher_onnx),
                                             "model.onnx.json": artifact_sidecar(teacher_onnx)})
             manifest["models"][tname] = {"role": "teacher", "backend": "python", "local": True, "num_classes": n_cls,
                                          "image_shape": shape, "nfe": nfe(sampler, steps), "sampler": sampler,
                                          "steps": steps}
     if not manifest["models"]:
-        raise ExportError("nothing to export: give a student ONNX and/or a teacher ONNX")
+        raise _error("nothing to export: give a student ONNX and/or a teacher ONNX")
+    manifest["batching"] = {"max_batch": b.max_batch, "max_queue_delay_us": b.max_queue_delay_us,
+                            "preferred_batch_sizes": list(b.preferred), "max_queue_size": b.max_queue_size,
+                            "queue_timeout_us": b.queue_timeout_us, "instances": b.instances, "kind": b.kind}
     atomic_write_json(root / "repository.json", manifest)
     return manifest
 

@@ -29,7 +29,7 @@ def run_demo(out: str | Path = "runs/demo", teacher_steps: int = 18, port: int |
     import torch
 
     from exporters.onnx_export import export_onnx
-    from exporters.triton_repo import build_repository
+    from exporters.triton_repo import DEFAULT_MAX_QUEUE_DELAY_US, build_repository
     from onestep.checkpoint import load_model
     from onestep.data import to_uint8
     from onestep.images import save_grid
@@ -76,7 +76,7 @@ def run_demo(out: str | Path = "runs/demo", teacher_steps: int = 18, port: int |
     _say(f"ONNX parity: student {s_side['parity']['max_abs_err']:.2e}, teacher {t_side['parity']['max_abs_err']:.2e}")
     repo = out / "model_repository"
     build_repository(repo, out / "student.onnx", "fmnist_student", out / "teacher.onnx", (("heun", teacher_steps),),
-                     max_batch=64, max_queue_delay_us=1000)
+                     max_batch=64, max_queue_delay_us=DEFAULT_MAX_QUEUE_DELAY_US)
     _say(f"Triton model repository written to {repo}")
 
     reference = ImageEngine(out / "student.onnx").generate([7, 8], [7, 8])

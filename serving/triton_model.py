@@ -4,7 +4,9 @@ Runs in Triton's python-backend stub on numpy + onnxruntime (no torch). Two mode
 config parameters:
 - generator: SEED[, LABEL] -> IMAGE uint8, one network evaluation (the one-step student);
 - teacher:   SEED[, LABEL] -> IMAGE uint8, an N-step Euler/Heun sampler around the teacher's denoiser graph,
-  the multi-step baseline served the same way.
+  the multi-step baseline served the same way;
+- tensor:    z[, labels] -> image float32 with the generator graph's own tensor names: the raw-tensor contract
+  of the native `<name>_onnx` model, served by the python backend (the only one in nvidia-pytriton's Triton).
 Seeds become noise through `onestep.noise.seeded_noise` (one generator per sample), so an image depends only
 on its (seed, label), never on what else the dynamic batcher put in the batch.
 """
@@ -33,6 +35,12 @@ class TritonPythonModel:
         self.engine = ImageEngine(version_dir / p["onnx_file"], providers, p.get("sampler", "heun"),
                                   int(p.get("steps", "1")), int(p.get("intra_op_threads", "0")))
         self.num_classes = self.engine.num_classes
+        self.mode = p.get("mode", "generator")
+        if self.mode == "tensor":
+            meta = self.engine.meta
+            self.z_name = meta["inputs"][0]["name"]
+            self.label_name = meta["inputs"][1]["name"] if len(meta["inputs"]) > 1 else None
+            self.out_name = meta["outputs"][0]["name"]
 
     def _generate(self, seeds: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
         return self.engine.generate(seeds.tolist(), labels)
@@ -53,7 +61,45 @@ class TritonPythonModel:
                 raise ValueError(f"LABEL must lie in [0, {self.num_classes - 1}]")
         return seeds, labels
 
+    def _validate_tensor(self, request):
+        z = pb_utils.get_input_tensor_by_name(request, self.z_name).as_numpy()
+        if z.ndim != 1 + len(self.engine.shape) or tuple(z.shape[1:]) != self.engine.shape:
+            raise ValueError(f"{self.z_name} must have shape [batch, {', '.join(map(str, self.engine.shape))}]")
+        z = np.ascontiguousarray(z, dtype=np.float32)
+        labels = None
+        if self.label_name:
+            t = pb_utils.get_input_tensor_by_name(request, self.label_name)
+            if t is None:
+                raise ValueError(f"{self.label_name} is required (class-conditional model)")
+            labels = self.engine.check_labels(t.as_numpy(), len(z))
+        return z, labels
+
+    def _execute_tensor(self, requests):
+        parsed, responses = [], [None] * len(requests)
+        for i, r in enumerate(requests):
+            try:
+                parsed.append((i, *self._validate_tensor(r)))
+            except Exception as e:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+        if parsed:
+            z = np.concatenate([x for _, x, _ in parsed])
+            labels = np.concatenate([lab for _, _, lab in parsed]) if self.label_name else None
+            try:
+                images = self.engine.model_output(z, labels)
+            except Exception as e:
+                for i, _, _ in parsed:
+                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"inference failed: {e}"))
+                return responses
+            start = 0
+            for i, x, _ in parsed:
+                out = pb_utils.Tensor(self.out_name, np.ascontiguousarray(images[start:start + len(x)], np.float32))
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
+                start += len(x)
+        return responses
+
     def execute(self, requests):
+        if self.mode == "tensor":
+            return self._execute_tensor(requests)
         # Validate each request on its own (a bad one fails alone), then run all good ones as ONE batch.
         parsed, responses = [], [None] * len(requests)
         for i, r in enumerate(requests):

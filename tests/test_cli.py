@@ -5,7 +5,7 @@ import pytest
 
 from onestep.cli import main
 
-VERBS = ["train", "distill", "presets", "sample", "train-classifier", "evaluate", "export", "serve", "generate",
+VERBS = ["train", "distill", "import", "presets", "sample", "train-classifier", "evaluate", "export", "serve", "generate",
          "bench", "demo"]
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from exporters.onnx_export import ExportError, artifact_sidecar, export_onnx, read_sidecar
-from exporters.triton_repo import build_repository, check_name, parse_config
+from exporters.triton_repo import (DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_MAX_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT_US,
+                                   build_repository, check_name, parse_config)
 from onestep.checkpoint import load_model
 from onestep.noise import seeded_noise
 
@@ -74,18 +75,57 @@ def test_corrupt_onnx_rejected(tiny_artifacts, tmp_path):
 def test_triton_configs_parse_with_schema(tiny_artifacts):
     repo = tiny_artifacts["repo"]
     manifest = json.loads((repo / "repository.json").read_text())
-    assert set(manifest["models"]) == {"tiny", "tiny_onnx", "teacher_heun3"}
+    assert set(manifest["models"]) == {"tiny", "tiny_tensor", "tiny_onnx", "teacher_heun3"}
     for name in manifest["models"]:
         cfg = parse_config(repo / name / "config.pbtxt")
         assert cfg.name == name and cfg.max_batch_size == 16
-        assert cfg.dynamic_batching.max_queue_delay_microseconds == 20000
+        db = cfg.dynamic_batching
+        assert db.max_queue_delay_microseconds == 20000
+        assert list(db.preferred_batch_size) == [8, 16]
+        q = db.default_queue_policy
+        assert q.timeout_action == q.REJECT and q.max_queue_size == DEFAULT_MAX_QUEUE_SIZE
+        assert q.default_timeout_microseconds == DEFAULT_QUEUE_TIMEOUT_US and q.allow_timeout_override
+        assert sorted(w.batch_size for w in cfg.model_warmup) == [1, 16]  # batch 1 and the maximum batch
+        for w in cfg.model_warmup:
+            assert set(w.inputs) == {i.name for i in cfg.input} and all(v.zero_data for v in w.inputs.values())
         assert (repo / name / "1").is_dir()
     py = parse_config(repo / "tiny" / "config.pbtxt")
     assert py.backend == "python" and [i.name for i in py.input] == ["SEED", "LABEL"]
-    assert list(py.output[0].dims) == [1, 32, 32] and py.model_warmup[0].batch_size == 1
+    assert list(py.output[0].dims) == [1, 32, 32]
     ort_cfg = parse_config(repo / "tiny_onnx" / "config.pbtxt")
     assert ort_cfg.platform == "onnxruntime_onnx" and ort_cfg.input[1].HasField("reshape")
+    raw = parse_config(repo / "tiny_tensor" / "config.pbtxt")  # the raw-tensor contract on the python backend
+    assert raw.backend == "python" and not raw.platform and raw.parameters["mode"].string_value == "tensor"
+    assert [(i.name, list(i.dims)) for i in raw.input] == [(i.name, list(i.dims)) for i in ort_cfg.input]
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    assert [(o.name, o.data_type, list(o.dims)) for o in raw.output] == \
+        [(o.name, o.data_type, list(o.dims)) for o in ort_cfg.output] == [("image", pb.TYPE_FP32, [1, 32, 32])]
+    assert (repo / "tiny_tensor" / "1" / "model.py").exists() and (repo / "tiny_tensor" / "1" / "model.onnx").exists()
+    assert manifest["models"]["tiny_tensor"]["local"] and not manifest["models"]["tiny_onnx"]["local"]
+    assert manifest["models"]["tiny_tensor"]["backend"] != "python"  # not a SEED -> IMAGE model for the API
     assert manifest["models"]["teacher_heun3"]["nfe"] == 5
+    assert manifest["batching"]["max_queue_delay_us"] == 20000
+
+
+def test_export_triton_cli_batching_options(tiny_artifacts, tmp_path):
+    from onestep.cli import main
+
+    out = tmp_path / "repo"
+    assert main(["export", "triton", "--out", str(out), "--student", str(tiny_artifacts["student_onnx"]),
+                 "--name", "s", "--max-batch", "32"]) == 0
+    cfg = parse_config(out / "s" / "config.pbtxt")
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == DEFAULT_MAX_QUEUE_DELAY_US
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [8, 32]
+    assert sorted(w.batch_size for w in cfg.model_warmup) == [1, 32]
+    out2 = tmp_path / "repo2"
+    assert main(["export", "triton", "--out", str(out2), "--student", str(tiny_artifacts["student_onnx"]),
+                 "--name", "s", "--max-batch", "32", "--max-queue-delay-us", "500", "--preferred-batch-sizes",
+                 "4,16", "--max-queue-size", "10", "--queue-timeout-us", "0"]) == 0
+    for m in ("s", "s_tensor", "s_onnx"):
+        db = parse_config(out2 / m / "config.pbtxt").dynamic_batching
+        assert db.max_queue_delay_microseconds == 500 and list(db.preferred_batch_size) == [4, 16, 32]
+        assert db.default_queue_policy.max_queue_size == 10 and db.default_queue_policy.default_timeout_microseconds == 0
 
 
 def test_repository_rejects_bad_names_and_graphs(tiny_artifacts, tmp_path):
