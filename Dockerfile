@@ -2,7 +2,7 @@
 #
 #   make demo                                   # writes runs/demo/model_repository
 #   docker build -t onestep-serve:0.1.0 .
-#   docker run --rm --shm-size=1g -p 8000:8080 onestep-serve:0.1.0
+#   docker run --rm --shm-size=1g -p 8000:8080 -e ONESTEP_API_KEY=change-me onestep-serve:0.1.0
 #
 # Ports: the HTTP API listens on 8080 in the container (publish it as 8000 on the host). `onestep serve`
 # starts Triton on loopback inside the container on free ports, so Triton itself is not reachable from
@@ -56,10 +56,15 @@ USER 10001:10001
 WORKDIR /home/onestep
 EXPOSE 8080
 
+# health: /readyz (Triton and models ready; 503 while draining). If Triton dies the process exits non-zero, so
+# the restart policy (or an orchestrator's /healthz liveness probe) brings the service back.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:8080/readyz', headers={'X-API-Key': os.environ.get('ONESTEP_API_KEY', '')}), timeout=4)"]
+STOPSIGNAL SIGTERM
 
-# Set ONESTEP_API_KEY to require an API key (X-API-Key header); extra `onestep serve` flags go after the
-# image name, e.g. `docker run ... onestep-serve:0.1.0 --max-images 16`.
+# The API binds 0.0.0.0 in the container, so it refuses to start without an API key: set ONESTEP_API_KEY (or
+# mount a file and set ONESTEP_API_KEY_FILE), or pass --insecure after the image name. Extra `onestep serve`
+# flags go after the image name, e.g. `docker run ... onestep-serve:0.1.0 --max-images 16`. SIGTERM (docker
+# stop): /readyz turns 503, requests in flight finish, then Triton stops.
 ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "onestep", "serve", "--repo", "/models", "--host", "0.0.0.0", "--port", "8080"]
 CMD []

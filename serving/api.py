@@ -1,32 +1,52 @@
 """HTTP image API in front of Triton (FastAPI). No torch.
 
 Endpoints: POST /v1/generate, GET /v1/models, GET /healthz (liveness), GET /readyz (Triton and models ready),
-GET /metrics (Prometheus), GET / (a small page), GET /openapi.json.
-Protection: request-body limit, images-per-request limit, per-request timeout (504), bounded in-flight work
-(429 with Retry-After when full), Triton unreachable -> 503 with Retry-After (and recovery when it returns),
-optional API key (X-API-Key or Authorization: Bearer), localhost binding by default (see `onestep serve`).
+GET /metrics (Prometheus, this process), GET /metrics/triton (Triton's own metrics, proxied), GET / (a small
+page), GET /openapi.json.
+
+Protection: every bound of a request (images per request, seed and label ranges, seeds vs seed+n, label vs
+labels, image responses) is part of the OpenAPI schema and checked before anything is allocated; request-body
+limit; per-request timeout (504) passed down to the Triton call; bounded in-flight work on a dedicated thread
+pool of the same size (429 with Retry-After when full); Triton unreachable -> 503 with Retry-After (and
+recovery when it returns); a watcher polls Triton, readiness is answered from its last result, and liveness
+fails once Triton has been unreachable for `triton_dead_after_s`; optional API key (X-API-Key or
+Authorization: Bearer). Every response carries X-Request-ID (the client's, if it sent a sane one), which is
+also Triton's request id; every error body is {"detail": ..., "request_id": ...}; internal error text goes to
+the log only. Access logs are JSON lines on the `onestep.access` logger.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import json
+import logging
+import re
 import time
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from onestep.images import encode_image
 from onestep.noise import MAX_SEED
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
+OPEN_PATHS = ("/", "/healthz", "/openapi.json", "/docs")
+log = logging.getLogger("onestep.api")
+access_log = logging.getLogger("onestep.access")
 
 
 def encodable_formats(channels: int) -> list[str]:
@@ -47,129 +67,328 @@ class APISettings:
     max_inflight: int = 32
     retry_after_s: int = 1
     api_key: str | None = None
+    triton_metrics_url: str | None = None  # host:port of Triton's metrics endpoint (proxied at /metrics/triton)
+    watch_interval_s: float = 1.0
+    triton_dead_after_s: float = 30.0  # /healthz fails once Triton has been unreachable this long
 
 
-class GenerateRequest(BaseModel):
-    model: str = Field(..., description="served model name (GET /v1/models)", min_length=1, max_length=64,
-                       pattern=r"^[a-z0-9][a-z0-9_\-]*$")
-    n: int | None = Field(None, ge=1, description="number of images (seeds seed..seed+n-1); default 1 or len(seeds)")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="first seed (default 0)")
-    seeds: list[int] | None = Field(None, min_length=1, description="explicit seeds, one image each")
-    label: int | None = Field(None, ge=0, description="class label for every image")
-    labels: list[int] | None = Field(None, min_length=1, description="one class label per image")
-    format: Literal["png", "jpeg", "webp", "raw"] = "png"
-    response: Literal["json", "image"] = Field("json", description="'image' returns the picture itself (n = 1)")
+class ErrorBody(BaseModel):
+    detail: Any = Field(..., description="what went wrong (a message, or the list of validation errors)")
+    request_id: str = Field(..., description="also in the X-Request-ID response header and in the logs")
 
-    @field_validator("seeds")
-    @classmethod
-    def _seeds_range(cls, v):
-        if v is not None and any(s < 0 or s > MAX_SEED for s in v):
-            raise ValueError(f"seeds must lie in [0, {MAX_SEED}]")
-        return v
 
-    @field_validator("labels")
-    @classmethod
-    def _labels_nonneg(cls, v):
-        if v is not None and any(x < 0 for x in v):
-            raise ValueError("labels must be non-negative")
-        return v
+def _schema_rules(max_images: int, models: dict) -> dict:
+    """The request rules pydantic fields cannot state alone, written as JSON Schema (OpenAPI 3.1)."""
+    def count_is(k: int) -> list[dict]:
+        ways = [{"required": ["seeds"], "properties": {"seeds": {"minItems": k, "maxItems": k}}},
+                {"not": {"required": ["seeds"]}, "required": ["n"], "properties": {"n": {"const": k}}}]
+        if k == 1:
+            ways.append({"not": {"anyOf": [{"required": ["seeds"]}, {"required": ["n"]}]}})
+        return ways
 
-    @model_validator(mode="after")
-    def _consistent(self):
-        if self.seeds is not None and (self.seed is not None or self.n is not None):
-            raise ValueError("give either seeds, or seed and n, not both")
-        if self.label is not None and self.labels is not None:
-            raise ValueError("give either label or labels, not both")
-        count = len(self.seeds) if self.seeds is not None else (self.n or 1)
-        if self.labels is not None and len(self.labels) != count:
-            raise ValueError(f"labels has {len(self.labels)} entries for {count} images")
-        if self.response == "image" and (count != 1 or self.format == "raw"):
-            raise ValueError("response='image' needs exactly one image in png, jpeg or webp")
-        return self
+    rules: list[dict] = [
+        {"not": {"required": ["seeds", "seed"]}},
+        {"not": {"required": ["seeds", "n"]}},
+        {"not": {"required": ["label", "labels"]}},
+        {"if": {"required": ["labels"]},
+         "then": {"anyOf": [{"properties": {"labels": {"minItems": k, "maxItems": k}}, "anyOf": count_is(k)}
+                            for k in range(1, max_images + 1)]}},
+        {"if": {"required": ["response"], "properties": {"response": {"const": "image"}}},
+         "then": {"properties": {"format": {"enum": list(MEDIA)}}, "anyOf": count_is(1)}},
+    ]
+    if models:
+        per_model = []
+        for name, info in sorted(models.items()):
+            channels = int((info.get("image_shape") or [1])[0])
+            branch: dict = {"properties": {"model": {"const": name},
+                                           "format": {"enum": encodable_formats(channels) + ["raw"]}}}
+            n_cls = int(info.get("num_classes") or 0)
+            if n_cls:
+                branch["properties"]["label"] = {"maximum": n_cls - 1}
+                branch["properties"]["labels"] = {"items": {"maximum": n_cls - 1}}
+            else:
+                branch["not"] = {"anyOf": [{"required": ["label"]}, {"required": ["labels"]}]}
+            per_model.append(branch)
+        rules.append({"anyOf": per_model})
+    return {"allOf": rules}
 
-    def seed_list(self) -> list[int]:
-        if self.seeds is not None:
-            return self.seeds
-        start = self.seed or 0
-        n = self.n or 1
-        if start + n - 1 > MAX_SEED:
-            raise ValueError("seed + n exceeds the seed range")
-        return list(range(start, start + n))
+
+def request_model(max_images: int, models: dict) -> type[BaseModel]:
+    """The request body type of one app: its bounds (max_images, the served models) are in the schema."""
+    first_seed_max = MAX_SEED - max_images + 1
+    rules = _schema_rules(max_images, models)
+    names = sorted(models)
+
+    def extra(schema: dict) -> None:
+        schema.update(rules)
+        if names:
+            schema["properties"]["model"]["enum"] = names
+
+    class GenerateRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", json_schema_extra=extra)
+
+        model: str = Field(..., description="served model name (GET /v1/models)", min_length=1, max_length=64,
+                           pattern=r"^[a-z0-9][a-z0-9_\-]*$")
+        n: int = Field(None, ge=1, le=max_images,
+                       description="number of images (seeds seed..seed+n-1); default 1. Not with seeds")
+        seed: int = Field(None, ge=0, le=first_seed_max, description="first seed (default 0). Not with seeds")
+        seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(
+            None, min_length=1, max_length=max_images, description="explicit seeds, one image each")
+        label: int = Field(None, ge=0, description="class label for every image (below the model's num_classes; "
+                                                    "not for unconditional models). Not with labels")
+        labels: list[Annotated[int, Field(ge=0)]] = Field(
+            None, min_length=1, max_length=max_images, description="one class label per image (as many as images)")
+        format: Literal["png", "jpeg", "webp", "raw"] = "png"
+        response: Literal["json", "image"] = Field(
+            "json", description="'image' returns the picture itself: exactly one image, png/jpeg/webp")
+
+        @model_validator(mode="after")
+        def _consistent(self):
+            if self.seeds is not None and (self.seed is not None or self.n is not None):
+                raise ValueError("give either seeds, or seed and n, not both")
+            if self.label is not None and self.labels is not None:
+                raise ValueError("give either label or labels, not both")
+            count = self.count()
+            if self.labels is not None and len(self.labels) != count:
+                raise ValueError(f"labels has {len(self.labels)} entries for {count} images")
+            if self.response == "image" and (count != 1 or self.format == "raw"):
+                raise ValueError("response='image' needs exactly one image in png, jpeg or webp")
+            return self
+
+        def count(self) -> int:
+            return len(self.seeds) if self.seeds is not None else (self.n or 1)
+
+        def seed_list(self) -> list[int]:  # bounded by max_images through the schema
+            if self.seeds is not None:
+                return list(self.seeds)
+            start = self.seed or 0
+            return list(range(start, start + (self.n or 1)))
+
+    return GenerateRequest
 
 
 class Metrics:
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector,
+                                       ProcessCollector)
 
         self.registry = CollectorRegistry()
-        self.requests = Counter("onestep_requests_total", "HTTP generate requests", ["model", "status"],
-                                registry=self.registry)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.requests = Counter("onestep_requests_total", "HTTP requests by handler, method and status code",
+                                ["handler", "method", "code"], registry=self.registry)
+        self.latency = Histogram("onestep_request_duration_seconds", "HTTP request duration",
+                                 ["handler", "method", "code"], registry=self.registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.images = Counter("onestep_images_total", "images generated", ["model"], registry=self.registry)
         self.errors = Counter("onestep_errors_total", "failed requests by reason", ["reason"], registry=self.registry)
-        self.latency = Histogram("onestep_request_seconds", "generate latency (s)", ["model"], registry=self.registry,
-                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.inflight = Gauge("onestep_inflight_requests", "generate requests in flight (queue depth)",
-                              registry=self.registry)
+        self.inflight = Gauge("onestep_inflight_requests", "generate requests in flight", registry=self.registry)
+        self.triton_up = Gauge("onestep_triton_up", "1 when the watcher last reached a live Triton",
+                               registry=self.registry)
+
+
+class APIFailure(Exception):
+    """An error answered to the client: status, a message fit for the client, a metrics reason."""
+
+    def __init__(self, status: int, detail: Any, reason: str, retry: bool = False):
+        super().__init__(detail)
+        self.status, self.detail, self.reason, self.retry = status, detail, reason, retry
+
+
+def _request_id(request: Request) -> str:
+    rid = getattr(request.state, "request_id", None)
+    if rid is None:
+        given = request.headers.get("x-request-id", "")
+        rid = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+        request.state.request_id = rid
+    return rid
+
+
+def _clean_validation(errors) -> list[dict]:
+    """pydantic's errors without the echoed input or internal context objects."""
+    out = []
+    for e in errors:
+        item = {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+        out.append(item)
+    return out
 
 
 def create_app(settings: APISettings) -> FastAPI:
-    from serving.client import TritonImageClient
+    from serving.client import TritonFailed, TritonImageClient, TritonTimeout, TritonUnavailable
 
     if not settings.models and settings.repository:
         manifest = json.loads((Path(settings.repository) / "repository.json").read_text())
         settings.models = {k: v for k, v in manifest["models"].items() if v["backend"] == "python"
                            and (settings.served is None or k in settings.served)}
-    app = FastAPI(title="OneStep image API", version="1", description=__doc__)
+    if settings.max_images < 1 or settings.max_inflight < 1:
+        raise ValueError("max_images and max_inflight must be at least 1")
     metrics = Metrics()
-    state = {"client": None, "sem": asyncio.Semaphore(settings.max_inflight), "inflight": 0}
-    app.state.settings, app.state.metrics = settings, metrics
+    GenerateRequest = request_model(settings.max_images, settings.models)
+    state: dict[str, Any] = {"sem": asyncio.Semaphore(settings.max_inflight), "stopping": False,
+                             "triton": False, "models": {m: False for m in settings.models},
+                             "last_live": time.monotonic(), "watch": None}
+    pool = ThreadPoolExecutor(settings.max_inflight, thread_name_prefix="onestep-triton")
+    side = ThreadPoolExecutor(2, thread_name_prefix="onestep-watch")  # watcher + metrics proxy, never generate
+    local = {}
 
-    def client() -> TritonImageClient:
-        if state["client"] is None:
-            state["client"] = TritonImageClient(settings.triton_url, "grpc", timeout_s=settings.request_timeout_s)
-        return state["client"]
+    def client() -> TritonImageClient:  # one gRPC channel for all generate threads
+        if "client" not in local:
+            local["client"] = TritonImageClient(settings.triton_url, "grpc", timeout_s=settings.request_timeout_s)
+        return local["client"]
 
-    def err(status: int, detail: str, reason: str, retry: bool = False) -> JSONResponse:
+    def watch_client() -> TritonImageClient:
+        if "watch" not in local:
+            local["watch"] = TritonImageClient(settings.triton_url, "grpc", timeout_s=2.0)
+        return local["watch"]
+
+    def probe() -> tuple[bool, dict]:
+        c = watch_client()
+        up = c.ready(timeout_s=2.0)
+        return up, {m: (c.ready(m, timeout_s=2.0) if up else False) for m in settings.models}
+
+    async def watch_once():
+        loop = asyncio.get_running_loop()
+        try:
+            up, models = await loop.run_in_executor(side, probe)
+        except Exception:  # never let the watcher die
+            log.exception("triton watcher")
+            up, models = False, {m: False for m in settings.models}
+        if up:
+            state["last_live"] = time.monotonic()
+        if up != state["triton"]:
+            log.warning(json.dumps({"event": "triton_up" if up else "triton_down", "url": settings.triton_url}))
+        state["triton"], state["models"] = up, models
+        metrics.triton_up.set(1 if up else 0)
+
+    async def watcher():
+        while True:
+            await asyncio.sleep(settings.watch_interval_s)
+            await watch_once()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await watch_once()
+        state["watch"] = asyncio.create_task(watcher())
+        try:
+            yield
+        finally:
+            state["watch"].cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+            side.shutdown(wait=False, cancel_futures=True)
+            for c in local.values():
+                with contextlib.suppress(Exception):
+                    c.close()
+
+    app = FastAPI(title="OneStep image API", version="1", description=__doc__, lifespan=lifespan)
+    app.state.settings, app.state.metrics, app.state.runtime = settings, metrics, state
+
+    def begin_stop() -> None:
+        """Readiness answers 503 from now on; requests in flight and new ones are still served."""
+        state["stopping"] = True
+
+    app.state.begin_stop = begin_stop
+
+    def error_response(request: Request, status: int, detail: Any, reason: str, retry: bool = False) -> JSONResponse:
         metrics.errors.labels(reason).inc()
-        headers = {"Retry-After": str(settings.retry_after_s)} if retry else None
-        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+        rid = _request_id(request)
+        headers = {"X-Request-ID": rid}
+        if retry:
+            headers["Retry-After"] = str(settings.retry_after_s)
+        return JSONResponse({"detail": detail, "request_id": rid}, status_code=status, headers=headers)
+
+    def handler_of(request: Request) -> str:
+        route = request.scope.get("route")
+        return getattr(route, "path", None) or "other"
 
     @app.middleware("http")
-    async def guard(request: Request, call_next):
+    async def frame(request: Request, call_next):
+        t0 = time.perf_counter()
+        rid = _request_id(request)
+        try:
+            response = await guard(request)
+            if response is None:
+                response = await call_next(request)
+        except Exception:
+            log.exception(json.dumps({"event": "unhandled", "request_id": rid}))
+            response = error_response(request, 500, "internal error", "internal")
+        response.headers["X-Request-ID"] = rid
+        dt = time.perf_counter() - t0
+        handler = handler_of(request)
+        metrics.requests.labels(handler, request.method, str(response.status_code)).inc()
+        metrics.latency.labels(handler, request.method, str(response.status_code)).observe(dt)
+        access_log.info(json.dumps({"ts": round(time.time(), 3), "request_id": rid, "method": request.method,
+                                    "path": request.url.path, "status": response.status_code,
+                                    "duration_ms": round(dt * 1e3, 2),
+                                    "client": request.client.host if request.client else None}))
+        return response
+
+    async def guard(request: Request) -> Response | None:
         if request.method == "POST":
             length = request.headers.get("content-length")
             if length is None or not length.isdigit():
-                return err(411, "Content-Length required", "no_length")
+                return error_response(request, 411, "Content-Length required", "no_length")
             if int(length) > settings.max_body_bytes:
-                return err(413, f"request body over {settings.max_body_bytes} bytes", "too_large")
-        if settings.api_key and request.url.path not in ("/", "/healthz", "/openapi.json", "/docs"):
+                return error_response(request, 413, f"request body over {settings.max_body_bytes} bytes",
+                                      "too_large")
+        if settings.api_key and request.url.path not in OPEN_PATHS:
             given = request.headers.get("x-api-key") or ""
             auth = request.headers.get("authorization") or ""
             if auth.lower().startswith("bearer "):
                 given = given or auth[7:]
             if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-                return err(401, "missing or wrong API key (X-API-Key header)", "auth")
-        return await call_next(request)
+                return error_response(request, 401, "missing or wrong API key (X-API-Key header)", "auth")
+        return None
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        for e in errors:  # too many images is the one bound users hit in practice: a plain 400 message
+            loc, kind, given = tuple(e.get("loc", ())), e.get("type"), e.get("input")
+            if loc == ("body", "n") and kind == "less_than_equal" and isinstance(given, int):
+                asked = given
+            elif loc in (("body", "seeds"), ("body", "labels")) and kind == "too_long" and isinstance(given, list):
+                asked = len(given)
+            else:
+                continue
+            return error_response(request, 400, f"at most {settings.max_images} images per request, asked for "
+                                                f"{asked}", "too_many")
+        return error_response(request, 422, _clean_validation(errors), "invalid")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_exc(request: Request, exc: StarletteHTTPException):
+        resp = error_response(request, exc.status_code, exc.detail, "http")
+        for k, v in (exc.headers or {}).items():
+            resp.headers[k] = v
+        return resp
+
+    @app.exception_handler(APIFailure)
+    async def failure(request: Request, exc: APIFailure):
+        return error_response(request, exc.status, exc.detail, exc.reason, exc.retry)
+
+    err_doc = {"model": ErrorBody}
+    common = {401: {**err_doc, "description": "missing or wrong API key"}}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return HTMLResponse(PAGE.read_text())
 
-    @app.get("/healthz", summary="liveness: the API process answers")
-    async def healthz():
+    @app.get("/healthz", summary="liveness: the API answers and Triton has not been unreachable for long",
+             responses={503: {**err_doc, "description": "Triton unreachable for too long: restart me"}})
+    async def healthz(request: Request):
+        down_for = time.monotonic() - state["last_live"]
+        if down_for > settings.triton_dead_after_s:
+            raise APIFailure(503, f"Triton unreachable for {down_for:.0f} s", "triton_dead")
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="readiness: Triton and every listed model are ready")
+    @app.get("/readyz", summary="readiness: Triton and every listed model are ready (from the watcher)",
+             responses={**common, 503: {"description": "not ready (or stopping)"}})
     async def readyz():
-        c = client()
-        ok = await asyncio.to_thread(c.ready)
-        models = {m: (await asyncio.to_thread(c.ready, m)) if ok else False for m in settings.models}
-        body = {"triton": ok, "models": models}
-        if not ok or not all(models.values()):
+        body = {"triton": state["triton"], "models": dict(state["models"]), "stopping": state["stopping"]}
+        if state["stopping"] or not state["triton"] or not all(state["models"].values()):
             return JSONResponse(body, status_code=503, headers={"Retry-After": str(settings.retry_after_s)})
         return body
 
-    @app.get("/v1/models", summary="served models with their classes, shapes and NFE")
+    @app.get("/v1/models", summary="served models with their classes, shapes and NFE", responses=common)
     async def models():
         return {"models": [{"name": k, **{f: v.get(f) for f in ("role", "num_classes", "image_shape", "nfe",
                                                                  "method", "sampler", "steps")}}
@@ -181,86 +400,118 @@ def create_app(settings: APISettings) -> FastAPI:
 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/generate", summary="generate images from seeds (and class labels)",
-              responses={200: {"content": {"image/png": {}, "application/json": {}}},
-                         400: {"description": "invalid request"}, 404: {"description": "unknown model"},
-                         413: {"description": "body too large"}, 429: {"description": "too many requests in flight"},
-                         503: {"description": "Triton unavailable"}, 504: {"description": "timed out"}})
-    async def generate(req: GenerateRequest):
+    @app.get("/metrics/triton", include_in_schema=False)
+    async def triton_metrics():
+        if not settings.triton_metrics_url:
+            raise APIFailure(404, "Triton metrics are not configured", "no_triton_metrics")
+
+        def fetch() -> bytes:
+            with urllib.request.urlopen(f"http://{settings.triton_metrics_url}/metrics", timeout=5) as r:
+                return r.read()
+
+        try:
+            body = await asyncio.get_running_loop().run_in_executor(side, fetch)
+        except OSError:
+            raise APIFailure(503, "Triton metrics unreachable", "triton_unavailable", retry=True) from None
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def run(model: str, seeds: list[int], labels, fmt: str, single: bool, rid: str):
+        """In a pool thread: Triton call (with its own deadline), then encoding, off the event loop."""
         t0 = time.perf_counter()
+        images = client().generate(model, seeds, labels, request_id=rid, timeout_s=settings.request_timeout_s)
+        t1 = time.perf_counter()
+        if single:
+            return encode_image(images[0].transpose(1, 2, 0), fmt), None, (t1 - t0, 0.0)
+        out = []
+        for i, s in enumerate(seeds):
+            data = images[i].tobytes() if fmt == "raw" else encode_image(images[i].transpose(1, 2, 0), fmt)
+            out.append({"seed": s, "label": labels[i] if labels else None, "format": fmt,
+                        "shape": list(images[i].shape), "dtype": "uint8", "data": base64.b64encode(data).decode()})
+        return None, out, (t1 - t0, time.perf_counter() - t1)
+
+    gen_errors = {
+        400: {**err_doc, "description": "invalid request for this model"},
+        404: {**err_doc, "description": "unknown model"}, 411: {**err_doc, "description": "no Content-Length"},
+        413: {**err_doc, "description": "body too large"}, 422: {**err_doc, "description": "invalid request"},
+        429: {**err_doc, "description": "too many requests in flight (Retry-After)"},
+        500: {**err_doc, "description": "internal error"}, 502: {**err_doc, "description": "Triton failed"},
+        503: {**err_doc, "description": "Triton unavailable (Retry-After)"},
+        504: {**err_doc, "description": "timed out"}}
+
+    async def generate(req, request: Request):
+        t0 = time.perf_counter()
+        rid = _request_id(request)
         info = settings.models.get(req.model)
         if info is None:
-            metrics.requests.labels("unknown", "404").inc()
-            return err(404, f"unknown model {req.model!r}; available: {sorted(settings.models)}", "unknown_model")
+            raise APIFailure(404, f"unknown model {req.model!r}; available: {sorted(settings.models)}",
+                             "unknown_model")
         shape = info.get("image_shape") or [1]
         if req.format != "raw" and req.format not in encodable_formats(int(shape[0])):
-            metrics.requests.labels(req.model, "400").inc()
-            return err(400, f"model {req.model!r} makes {shape[0]}-channel images, which {req.format} cannot hold; "
-                            f"use one of {encodable_formats(int(shape[0])) + ['raw']}", "bad_format")
-        try:
-            seeds = req.seed_list()
-        except ValueError as e:
-            return err(400, str(e), "bad_seeds")
-        if len(seeds) > settings.max_images:
-            return err(400, f"at most {settings.max_images} images per request, asked for {len(seeds)}", "too_many")
+            raise APIFailure(400, f"model {req.model!r} makes {shape[0]}-channel images, which {req.format} cannot "
+                                  f"hold; use one of {encodable_formats(int(shape[0])) + ['raw']}", "bad_format")
+        count = req.count()
+        if count > settings.max_images:  # the schema bounds it already; kept as the last line before allocation
+            raise APIFailure(400, f"at most {settings.max_images} images per request, asked for {count}", "too_many")
         n_cls = int(info.get("num_classes") or 0)
+        if n_cls:
+            bad = [x for x in ([req.label] if req.label is not None else req.labels or []) if x >= n_cls]
+            if bad:
+                raise APIFailure(400, f"label {bad[0]} out of range: model {req.model!r} has classes 0..{n_cls - 1}",
+                                 "bad_label")
+        elif req.label is not None or req.labels is not None:
+            raise APIFailure(400, f"model {req.model!r} is unconditional: do not send labels", "bad_label")
+        seeds = req.seed_list()
         labels = None
         if n_cls:
-            labels = req.labels if req.labels is not None else \
-                [req.label] * len(seeds) if req.label is not None else [s % n_cls for s in seeds]
-            bad = [x for x in labels if x >= n_cls]
-            if bad:
-                return err(400, f"label {bad[0]} out of range: model {req.model!r} has classes 0..{n_cls - 1}",
-                           "bad_label")
-        elif req.label is not None or req.labels is not None:
-            return err(400, f"model {req.model!r} is unconditional: do not send labels", "bad_label")
+            labels = list(req.labels) if req.labels is not None else \
+                [req.label] * count if req.label is not None else [s % n_cls for s in seeds]
         if state["sem"].locked():
-            metrics.requests.labels(req.model, "429").inc()
-            return err(429, "too many requests in flight; retry later", "busy", retry=True)
+            raise APIFailure(429, "too many requests in flight; retry later", "busy", retry=True)
+        single = req.response == "image"
         async with state["sem"]:
             metrics.inflight.inc()
             try:
-                images = await asyncio.wait_for(asyncio.to_thread(client().generate, req.model, seeds, labels),
-                                                timeout=settings.request_timeout_s)
-            except asyncio.TimeoutError:
-                metrics.requests.labels(req.model, "504").inc()
-                return err(504, f"generation took longer than {settings.request_timeout_s} s", "timeout")
-            except Exception as e:  # tritonclient raises InferenceServerException for every failure
-                msg = str(e)
-                unavailable = any(s in msg.lower() for s in ("unavailable", "connect", "refused", "deadline",
-                                                             "socket closed", "not ready", "unknown model"))
-                status = 503 if unavailable else 502
-                metrics.requests.labels(req.model, str(status)).inc()
-                return err(status, f"Triton: {msg}", "triton_unavailable" if unavailable else "triton_error",
-                           retry=unavailable)
+                fut = asyncio.get_running_loop().run_in_executor(pool, run, req.model, seeds, labels, req.format,
+                                                                 single, rid)
+                # the Triton call carries the same deadline and frees its thread when it passes; this is a backstop
+                body, out, (t_triton, t_encode) = await asyncio.wait_for(fut, settings.request_timeout_s + 5.0)
+            except (asyncio.TimeoutError, TritonTimeout):
+                raise APIFailure(504, f"generation took longer than {settings.request_timeout_s} s",
+                                 "timeout") from None
+            except TritonUnavailable as e:
+                log.warning(json.dumps({"event": "triton_unavailable", "request_id": rid, "error": str(e)[:500]}))
+                raise APIFailure(503, "the model server is unavailable; retry later", "triton_unavailable",
+                                 retry=True) from None
+            except TritonFailed as e:
+                log.error(json.dumps({"event": "triton_error", "request_id": rid, "error": str(e)[:2000]}))
+                raise APIFailure(502, "the model server failed on this request", "triton_error") from None
             finally:
                 metrics.inflight.dec()
-        t_model = time.perf_counter()
-        if req.response == "image":
-            body = encode_image(images[0].transpose(1, 2, 0), req.format)
-            _done(metrics, req.model, len(seeds), t0)
+        metrics.images.labels(req.model).inc(len(seeds))
+        if single:
             return Response(body, media_type=MEDIA[req.format],
                             headers={"X-Seed": str(seeds[0]), "X-Label": str(labels[0] if labels else "")})
-        out = []
-        for i, s in enumerate(seeds):
-            if req.format == "raw":
-                data = images[i].tobytes()
-            else:
-                data = encode_image(images[i].transpose(1, 2, 0), req.format)
-            out.append({"seed": s, "label": labels[i] if labels else None, "format": req.format,
-                        "shape": list(images[i].shape), "dtype": "uint8", "data": base64.b64encode(data).decode()})
-        _done(metrics, req.model, len(seeds), t0)
-        return {"model": req.model, "images": out,
-                "timings_ms": {"triton": (t_model - t0) * 1e3, "encode": (time.perf_counter() - t_model) * 1e3}}
+        return {"model": req.model, "images": out, "request_id": rid,
+                "timings_ms": {"triton": t_triton * 1e3, "encode": t_encode * 1e3,
+                               "total": (time.perf_counter() - t0) * 1e3}}
 
-    @app.exception_handler(HTTPException)
-    async def http_exc(request, exc):  # keep every error as {"detail": ...}
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+    generate.__annotations__.update(req=GenerateRequest, request=Request)  # the per-app body type
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            # FastAPI's OpenAPI model stores bounds as floats (2**63 - 1 would become 2**63): use pydantic's
+            # exact schema of the body
+            schema["components"]["schemas"]["GenerateRequest"] = GenerateRequest.model_json_schema()
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    app.post("/v1/generate", summary="generate images from seeds (and class labels)",
+             responses={200: {"description": "JSON with base64 images, or the image itself (response='image')",
+                              "content": {"application/json": {}, "image/png": {}, "image/jpeg": {},
+                                          "image/webp": {}}}, **common, **gen_errors})(generate)
     return app
-
-
-def _done(metrics: Metrics, model: str, n: int, t0: float) -> None:
-    metrics.requests.labels(model, "200").inc()
-    metrics.images.labels(model).inc(n)
-    metrics.latency.labels(model).observe(time.perf_counter() - t0)

@@ -4,43 +4,130 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import re
 import sys
+import time
+from pathlib import Path
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def read_api_key(args) -> str | None:
+    """The API key from $ONESTEP_API_KEY or the file named by --api-key-file / $ONESTEP_API_KEY_FILE (never
+    from the command line, where `ps` shows it)."""
+    path = args.api_key_file or os.environ.get("ONESTEP_API_KEY_FILE")
+    if path:
+        key = Path(path).read_text().strip()
+        if not key:
+            raise ValueError(f"API key file {path} is empty")
+        return key
+    return os.environ.get("ONESTEP_API_KEY") or None
+
+
+def models_max_batch(repo: str | Path, models) -> int | None:
+    """The smallest max_batch_size among the served models' config.pbtxt (None when unknown)."""
+    sizes = []
+    for m in models or []:
+        cfg = Path(repo) / m / "config.pbtxt"
+        if cfg.exists():
+            hit = re.search(r"^\s*max_batch_size\s*:\s*(\d+)", cfg.read_text(), re.M)
+            if hit and int(hit.group(1)) > 0:
+                sizes.append(int(hit.group(1)))
+    return min(sizes) if sizes else None
+
+
+def json_logging() -> None:
+    """Access and event logs as JSON lines on stderr (the messages are JSON already)."""
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("onestep.access", "onestep.api", "onestep.serve"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = [h]
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
 
 
 def cmd_serve(args) -> int:
     import signal
+    import threading
 
     import uvicorn
 
     from serving.api import APISettings, create_app
     from serving.triton_server import TritonServer
 
+    json_logging()
+    events = logging.getLogger("onestep.serve")
+    api_key = read_api_key(args)
+    if args.host not in LOOPBACK and not api_key and not args.insecure:
+        print(f"refusing to bind {args.host} without an API key: set ONESTEP_API_KEY (or --api-key-file), "
+              f"or pass --insecure to serve the network without one", file=sys.stderr)
+        return 2
+    if args.host not in LOOPBACK and not api_key:
+        print(f"warning: --insecure: {args.host} serves anyone who can reach it", file=sys.stderr)
     models = args.models.split(",") if args.models else None
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print(f"warning: binding {args.host} without --api-key exposes the API to the network", file=sys.stderr)
-    server = TritonServer(args.repo, models=models, ready_timeout=args.ready_timeout,
-                          log_path=args.triton_log).start()
-    print(f"Triton ready: http {server.http_url}, grpc {server.grpc_url} (log {server.log_path})", flush=True)
+    server = TritonServer(args.repo, models=models, ready_timeout=args.ready_timeout, log_path=args.triton_log)
+    limit = models_max_batch(args.repo, server.models)
+    if args.max_images is None:  # default: 64, or less when the models batch less
+        args.max_images = min(64, limit) if limit is not None else 64
+    elif limit is not None and args.max_images > limit:
+        print(f"--max-images {args.max_images} exceeds the models' max_batch_size {limit}; use at most {limit}",
+              file=sys.stderr)
+        return 2
+    server.start()
+    print(f"Triton ready: http {server.http_url}, grpc {server.grpc_url}, metrics 127.0.0.1:{server.metrics_port} "
+          f"(pid {server.proc.pid}, log {server.log_path})", flush=True)
+    exit_code = {"code": 0}
     try:
         settings = APISettings(triton_url=server.grpc_url, repository=args.repo, served=server.models,
-                               max_images=args.max_images,
-                               request_timeout_s=args.timeout, max_inflight=args.max_inflight,
-                               api_key=args.api_key or os.environ.get("ONESTEP_API_KEY"))
+                               max_images=args.max_images, request_timeout_s=args.timeout,
+                               max_inflight=args.max_inflight, api_key=api_key,
+                               triton_metrics_url=f"127.0.0.1:{server.metrics_port}",
+                               triton_dead_after_s=args.triton_dead_after)
         app = create_app(settings)
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                # first SIGTERM/SIGINT: readiness 503 for --drain seconds (in-flight and new requests still
+                # served), then uvicorn's own graceful shutdown waits for the requests in flight
+                if getattr(self, "_draining", False) or args.drain <= 0:
+                    return super().handle_exit(sig, frame)
+                self._draining = True
+                app.state.begin_stop()
+                events.info(json.dumps({"event": "draining", "seconds": args.drain, "signal": int(sig)}))
+                threading.Timer(args.drain, super().handle_exit, (sig, frame)).start()
+
+        uv = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                                   timeout_graceful_shutdown=max(1, int(args.timeout + 5))))
+
+        def watch_triton():
+            while not uv.should_exit:
+                if not server.alive():
+                    events.error(json.dumps({"event": "triton_exited", "code": server.proc.returncode}))
+                    exit_code["code"] = 3
+                    uv.should_exit = True
+                    return
+                time.sleep(0.5)
+
+        threading.Thread(target=watch_triton, daemon=True, name="onestep-triton-exit").start()
         print(f"API on http://{args.host}:{args.port}/ (OpenAPI at /docs)", flush=True)
         # uvicorn re-raises SIGTERM/SIGINT after its own shutdown: turn that into SystemExit so the finally
         # below stops Triton (it runs in its own session and would outlive us otherwise)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uv.run()
     finally:
         server.stop()
-    return 0
+    if exit_code["code"]:
+        print("tritonserver exited: stopping (exit code 3) so a supervisor restarts the service", file=sys.stderr)
+    return exit_code["code"]
 
 
 def cmd_generate(args) -> int:
     from onestep.noise import parse_seeds
-    from serving.generate import clean_partial, run_job
+    from serving.generate import run_job
 
     seeds = parse_seeds(args.seeds)
     rank = args.rank if args.rank is not None else int(os.environ.get("RANK", "0"))
@@ -70,10 +157,8 @@ def cmd_generate(args) -> int:
         job = {"backend": "triton", "model": args.model, "onnx_sha256": params.get("onnx_sha256")}
     else:
         raise ValueError("give --onnx PATH (in-process) or --triton URL --model NAME")
-    removed = clean_partial(args.out) if os.path.isdir(args.out) else 0
     res = run_job(args.out, seeds, gen, n_cls, job, args.label, args.shard_size, args.batch, formats, rank, world,
                   progress=not args.quiet)
-    res["removed_partial"] = removed
     print(json.dumps(res))
     return 0
 
@@ -86,12 +171,21 @@ def register(sub) -> None:
     p.add_argument("--models", default=None, help="comma list of models to load (default: all this server can run)")
     p.add_argument("--host", default="127.0.0.1", help="API bind address (default localhost only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require this key (X-API-Key); or set ONESTEP_API_KEY")
-    p.add_argument("--max-images", type=int, default=64, help="images per request")
+    p.add_argument("--api-key-file", default=None,
+                   help="file holding the API key to require (X-API-Key); or set ONESTEP_API_KEY / "
+                        "ONESTEP_API_KEY_FILE. A key is required to bind a non-loopback --host")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="images per request (default 64 or the models' max_batch_size if smaller; a value above "
+                        "max_batch_size is refused)")
     p.add_argument("--max-inflight", type=int, default=32, help="concurrent generate requests before 429")
     p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for Triton readiness")
     p.add_argument("--triton-log", default=None)
+    p.add_argument("--drain", type=float, default=5.0,
+                   help="seconds /readyz answers 503 after SIGTERM before the listener closes")
+    p.add_argument("--triton-dead-after", type=float, default=30.0,
+                   help="/healthz fails once Triton has been unreachable this long (s)")
     p.set_defaults(fn=cmd_serve)
 
     g = sub.add_parser("generate", help="offline batch generation into sharded .npz / PNG folders (resumable)",

@@ -12,6 +12,43 @@ from typing import Sequence
 import numpy as np
 
 
+class TritonUnavailable(RuntimeError):
+    """Triton cannot be reached, or the model is not loaded/ready (retrying later may work)."""
+
+
+class TritonTimeout(RuntimeError):
+    """The call passed its deadline."""
+
+
+class TritonFailed(RuntimeError):
+    """Triton answered with an error for this request (the text is for logs, not for end users)."""
+
+
+_UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.NOT_FOUND", "StatusCode.CANCELLED", "StatusCode.UNKNOWN",
+                "StatusCode.RESOURCE_EXHAUSTED", "503", "404", "429"}
+_TIMEOUT = {"StatusCode.DEADLINE_EXCEEDED", "504", "408"}
+
+
+def classify(exc: BaseException) -> RuntimeError:
+    """tritonclient's exception (or a socket error) -> TritonUnavailable | TritonTimeout | TritonFailed, by the
+    status Triton or the transport reports, never by message text."""
+    if isinstance(exc, (TritonUnavailable, TritonTimeout, TritonFailed)):
+        return exc
+    status = None
+    if hasattr(exc, "status"):
+        try:
+            status = exc.status()
+        except Exception:  # noqa: BLE001
+            status = None
+    status = str(status) if status is not None else None
+    if status in _TIMEOUT or isinstance(exc, TimeoutError):
+        return TritonTimeout(str(exc))
+    if status in _UNAVAILABLE or isinstance(exc, (ConnectionError, OSError)) or \
+            (status is None and type(exc).__name__ == "InferenceServerException"):
+        return TritonUnavailable(str(exc))
+    return TritonFailed(str(exc))
+
+
 class TritonImageClient:
     """SEED[, LABEL] -> IMAGE against a generated model repository served by Triton."""
 
@@ -28,7 +65,15 @@ class TritonImageClient:
         self.client = tc.InferenceServerClient(url, **({"network_timeout": timeout_s, "connection_timeout": timeout_s}
                                                        if protocol == "http" else {}))
 
-    def generate(self, model: str, seeds: Sequence[int], labels: Sequence[int] | None = None) -> np.ndarray:
+    def generate(self, model: str, seeds: Sequence[int], labels: Sequence[int] | None = None,
+                 request_id: str = "", timeout_s: float | None = None) -> np.ndarray:
+        """Images for the seeds; failures raise TritonUnavailable, TritonTimeout or TritonFailed."""
+        try:
+            return self._generate(model, seeds, labels, request_id, timeout_s)
+        except Exception as e:  # noqa: BLE001
+            raise classify(e) from e
+
+    def _generate(self, model, seeds, labels, request_id, timeout_s) -> np.ndarray:
         tc = self.tc
         seeds_a = np.asarray(seeds, dtype=np.int64).reshape(-1, 1)
         inputs = [tc.InferInput("SEED", list(seeds_a.shape), "INT64")]
@@ -38,12 +83,15 @@ class TritonImageClient:
             inputs.append(tc.InferInput("LABEL", list(lab.shape), "INT64"))
             inputs[1].set_data_from_numpy(lab)
         outputs = [tc.InferRequestedOutput("IMAGE")]
-        kw = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-        return self.client.infer(model, inputs, outputs=outputs, **kw).as_numpy("IMAGE")
+        kw = {"client_timeout": timeout_s or self.timeout_s} if self.protocol == "grpc" else {}
+        if timeout_s and self.protocol == "http":  # Triton-side deadline, in microseconds
+            kw["timeout"] = int(timeout_s * 1e6)
+        return self.client.infer(model, inputs, outputs=outputs, request_id=request_id, **kw).as_numpy("IMAGE")
 
-    def ready(self, model: str | None = None) -> bool:
+    def ready(self, model: str | None = None, timeout_s: float | None = None) -> bool:
+        kw = {"client_timeout": timeout_s} if timeout_s and self.protocol == "grpc" else {}
         try:
-            return bool(self.client.is_model_ready(model) if model else self.client.is_server_ready())
+            return bool(self.client.is_model_ready(model, **kw) if model else self.client.is_server_ready(**kw))
         except Exception:  # connection refused / unavailable
             return False
 

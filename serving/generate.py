@@ -3,10 +3,12 @@
 - Shard k holds seeds[k*S:(k+1)*S]; every shard is written to a temporary name and renamed when complete, so
   a killed run (even kill -9) leaves only whole shards and a rerun produces exactly the files of an
   uninterrupted run: completed shards are skipped, the rest are made.
-- `job.json` pins the job (seeds, labels, model hash, shard size); a rerun with other settings into the same
-  folder is refused instead of mixing outputs.
+- `job.json` pins the job (seeds, labels, model hash, shard size, formats); whichever rank comes first
+  creates it atomically, and every rank (and every rerun) compares its own settings with it and refuses a
+  mismatch instead of mixing outputs.
 - Ranks: under torchrun (RANK/WORLD_SIZE in the environment) or with --rank/--world-size, shard k goes to
-  rank k mod world_size; no coordination is needed.
+  rank k mod world_size; no coordination is needed. Temporary files carry their shard's name, and a rank only
+  removes leftovers of ITS shards, so a starting rank never deletes a live rank's work in progress.
 - Backends: in-process onnxruntime (--onnx) or a Triton server (--triton URL --model NAME).
 """
 
@@ -22,7 +24,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from onestep.provenance import atomic_write_bytes, atomic_write_json
 
 
 def shard_name(k: int) -> str:
@@ -52,16 +53,10 @@ def run_job(out_dir: str | Path, seeds: Sequence[int], generate: Callable[[list[
     out.mkdir(parents=True, exist_ok=True)
     job = {**job, "num_seeds": len(seeds), "first_seed": seeds[0], "last_seed": seeds[-1],
            "seeds_sha": _seeds_digest(seeds), "label": label, "shard_size": shard_size, "formats": sorted(formats)}
-    jf = out / "job.json"
-    if jf.exists():
-        old = json.loads(jf.read_text())
-        if old != job:
-            diff = {k: (old.get(k), job.get(k)) for k in set(old) | set(job) if old.get(k) != job.get(k)}
-            raise ValueError(f"{out} holds another job (differs in {diff}); use a new folder")
-    elif rank == 0:
-        atomic_write_json(jf, job)
+    check_job(out, job)
     n_shards = (len(seeds) + shard_size - 1) // shard_size
     mine = [k for k in range(n_shards) if k % world_size == rank]
+    removed = clean_partial(out, mine)
     todo = [k for k in mine if not _shard_done(out, k, formats)]
     bar = None
     if progress:
@@ -81,7 +76,34 @@ def run_job(out_dir: str | Path, seeds: Sequence[int], generate: Callable[[list[
                      None if labs is None else np.asarray(labs, dtype=np.int64), formats)
     if bar:
         bar.close()
-    return {"shards": n_shards, "mine": len(mine), "made": len(todo), "skipped": len(mine) - len(todo), "out": str(out)}
+    return {"shards": n_shards, "mine": len(mine), "made": len(todo), "skipped": len(mine) - len(todo), "out": str(out),
+            "removed_partial": removed}
+
+
+def check_job(out: Path, job: dict) -> None:
+    """Create `job.json` if no rank has yet (atomically: a complete temporary file hard-linked into place,
+    which fails when the name exists), then compare this rank's job with the one on disk."""
+    jf = out / "job.json"
+    if not jf.exists():
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-job-", suffix=".json", dir=out)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(job, f, indent=2, sort_keys=True, default=str)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            try:
+                os.link(tmp, jf)
+            except FileExistsError:  # another rank came first: compare with its job below
+                pass
+        finally:
+            os.unlink(tmp)
+    old = json.loads(jf.read_text())
+    job = json.loads(json.dumps(job, default=str))
+    if old != job:
+        diff = {k: (old.get(k), job.get(k)) for k in set(old) | set(job) if old.get(k) != job.get(k)}
+        raise ValueError(f"{out} holds another job (differs in {diff}); use a new folder or the same settings")
 
 
 def _seeds_digest(seeds: Sequence[int]) -> str:
@@ -104,7 +126,17 @@ def _write_shard(out: Path, k: int, images: np.ndarray, seeds: np.ndarray, label
         if labels is not None:
             arrays["labels"] = labels
         np.savez(buf, **arrays)  # uncompressed: byte-identical for identical content
-        atomic_write_bytes(out / (shard_name(k) + ".npz"), buf.getvalue())
+        fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{shard_name(k)}-", suffix=".npz", dir=out)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buf.getvalue())
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp_name, 0o644)
+            os.replace(tmp_name, out / (shard_name(k) + ".npz"))
+        finally:
+            if os.path.exists(tmp_name):
+                os.unlink(tmp_name)
     if "png" in formats and not (out / shard_name(k)).is_dir():
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{shard_name(k)}-", dir=out))
         try:
@@ -116,10 +148,12 @@ def _write_shard(out: Path, k: int, images: np.ndarray, seeds: np.ndarray, label
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def clean_partial(out_dir: str | Path) -> int:
-    """Remove temporary files left by a killed run (they are never mistaken for shards anyway)."""
+def clean_partial(out_dir: str | Path, shards: Sequence[int]) -> int:
+    """Remove temporary files a killed run left for `shards` (this rank's shards only: another live rank's
+    temporary files belong to other shards and stay). They are never mistaken for shards anyway."""
     n = 0
-    for p in Path(out_dir).glob(".*tmp*"):
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        n += 1
+    for k in shards:
+        for p in Path(out_dir).glob(f".tmp-{shard_name(k)}-*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            n += 1
     return n

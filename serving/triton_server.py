@@ -5,6 +5,13 @@ In NVIDIA's container: /opt/tritonserver/bin/tritonserver with every backend. Th
 bundled binary are handled here: the python-backend stub must find THIS interpreter's libpython first on
 LD_LIBRARY_PATH and this venv's `python3` first on PATH; a stub copied out of the wheel needs the wheel's
 bundled libraries; a killed server leaves /dev/shm regions behind.
+
+Locked down: Triton loads the chosen models at start and nothing later. It runs with model control mode
+`none` on a private view of the repository (links to the chosen models only), so load/unload requests are
+refused whatever they carry; the model-repository, shared-memory, trace and logging APIs additionally need a
+random per-start key (HTTP header and gRPC metadata `onestep-admin-key`) that only this object knows (it is
+in Triton's argv, so on a shared host mount /proc with hidepid=2 to hide it from other users). Secrets of the
+API (ONESTEP_API_KEY, ONESTEP_API_KEY_FILE) are removed from Triton's environment.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -23,6 +31,11 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
+ADMIN_HEADER = "onestep-admin-key"
+SECRET_ENV = ("ONESTEP_API_KEY", "ONESTEP_API_KEY_FILE")
 
 
 class TritonError(RuntimeError):
@@ -111,6 +124,8 @@ class TritonServer:
         self.verbose = verbose
         self.proc: subprocess.Popen | None = None
         self._shm_before: set[str] = set()
+        self.admin_key = secrets.token_hex(24)
+        self._view: Path | None = None
 
     @property
     def http_url(self) -> str:
@@ -120,17 +135,31 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+    def _repository_view(self) -> Path:
+        """The repository Triton sees: links to the chosen models only (all of them when none were chosen)."""
+        if self.models is None:
+            return self.repository
+        if self._view is None or not self._view.exists():
+            self._view = Path(tempfile.mkdtemp(prefix="onestep-triton-repo-"))
+        for m in self.models:
+            src = self.repository / m
+            if not src.is_dir():
+                raise TritonError(f"model {m!r} is not in {self.repository}")
+            link = self._view / m
+            if not link.exists():
+                link.symlink_to(src, target_is_directory=True)
+        return self._view
+
     def command(self) -> tuple[list[str], dict]:
         binary, backends, extra_env = find_tritonserver()
-        cmd = [str(binary), f"--model-repository={self.repository}", f"--backend-directory={backends}",
+        restricted = ",".join(RESTRICTED_APIS) + f":{ADMIN_HEADER}={self.admin_key}"
+        cmd = [str(binary), f"--model-repository={self._repository_view()}", f"--backend-directory={backends}",
                "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", f"--http-port={self.http_port}",
                f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}", "--allow-metrics=true",
                "--exit-on-error=true", "--strict-readiness=true", f"--log-verbose={self.verbose}",
-               "--exit-timeout-secs=10"]
-        if self.models is not None:
-            cmd.append("--model-control-mode=explicit")
-            cmd += [f"--load-model={m}" for m in self.models]
-        env = dict(os.environ)
+               "--exit-timeout-secs=10", "--model-control-mode=none", "--metrics-address=127.0.0.1",
+               f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
         env.update(extra_env)
         # the stub finds the interpreter (and so this venv's packages) through `python3` on PATH
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -148,6 +177,9 @@ class TritonServer:
             self.stop()
             raise
         return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def is_ready(self) -> bool:
         try:
@@ -198,6 +230,9 @@ class TritonServer:
         if getattr(self, "_log", None):
             self._log.close()
             self._log = None
+        if self._view is not None:
+            shutil.rmtree(self._view, ignore_errors=True)
+            self._view = None
 
     def __enter__(self) -> "TritonServer":
         return self.start()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from onestep.checkpoint import image_shape
-from onestep.noise import seeded_noise
+from onestep.noise import NOISE_STREAM, seeded_noise
 from onestep.provenance import atomic_write_bytes, atomic_write_json
 from onestep.samplers import make_sigmas, SAMPLERS
 
@@ -62,7 +62,7 @@ def build_pair_cache(teacher, teacher_sha: str, out_dir: str | Path, n_pairs: in
     out.mkdir(parents=True, exist_ok=True)
     shape = image_shape(teacher.spec)
     n_cls = int(getattr(teacher, "num_classes", 0))
-    manifest = {"teacher_sha256": teacher_sha, "sampler": sampler, "steps": steps, "shape": list(shape),
+    manifest = {"noise_stream": NOISE_STREAM, "teacher_sha256": teacher_sha, "sampler": sampler, "steps": steps, "shape": list(shape),
                 "num_classes": n_cls, "shard_size": shard_size, "seed0": seed0, "snapshots": list(snapshots),
                 "schedule": schedule, "sigma_min": teacher.sigma_min, "sigma_max": teacher.sigma_max}
     mf = out / "cache.json"
