@@ -171,9 +171,10 @@ def parse_server_timing(header: str | None) -> dict:
             k, _, v = kv.strip().partition("=")
             if k == "dur" and name:
                 try:
-                    out[name.strip()] = float(v) / 1e3
-                except ValueError:
-                    pass
+                    dur = float(v) / 1e3
+                except ValueError:  # a malformed entry is left out, the others are kept
+                    continue
+                out[name.strip()] = dur
     return out
 
 

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -93,10 +94,8 @@ def check_job(out: Path, job: dict) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)
-            try:
+            with contextlib.suppress(FileExistsError):  # another rank came first: compare with its job below
                 os.link(tmp, jf)
-            except FileExistsError:  # another rank came first: compare with its job below
-                pass
         finally:
             os.unlink(tmp)
     old = json.loads(jf.read_text())

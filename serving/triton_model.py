@@ -74,54 +74,37 @@ class TritonPythonModel:
             labels = self.engine.check_labels(t.as_numpy(), len(z))
         return z, labels
 
-    def _execute_tensor(self, requests):
+    @staticmethod
+    def _batched(requests, validate, run, output):
+        """Validate each request on its own (a bad one fails alone, its message to that client only), run all
+        good ones as ONE batch, and split the batch back into one response per request.
+        validate(request) -> (inputs, labels); run(inputs, labels) -> batch; output(rows) -> pb_utils.Tensor."""
         parsed, responses = [], [None] * len(requests)
         for i, r in enumerate(requests):
             try:
-                parsed.append((i, *self._validate_tensor(r)))
+                parsed.append((i, *validate(r)))
             except Exception as e:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
         if parsed:
-            z = np.concatenate([x for _, x, _ in parsed])
-            labels = np.concatenate([lab for _, _, lab in parsed]) if self.label_name else None
+            inputs = np.concatenate([x for _, x, _ in parsed])
+            labels = np.concatenate([lab for _, _, lab in parsed]) if parsed[0][2] is not None else None
             try:
-                images = self.engine.model_output(z, labels)
+                out = run(inputs, labels)
             except Exception as e:
                 for i, _, _ in parsed:
                     responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"inference failed: {e}"))
                 return responses
             start = 0
             for i, x, _ in parsed:
-                out = pb_utils.Tensor(self.out_name, np.ascontiguousarray(images[start:start + len(x)], np.float32))
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[output(out[start:start + len(x)])])
                 start += len(x)
         return responses
 
     def execute(self, requests):
-        if self.mode == "tensor":
-            return self._execute_tensor(requests)
-        # Validate each request on its own (a bad one fails alone), then run all good ones as ONE batch.
-        parsed, responses = [], [None] * len(requests)
-        for i, r in enumerate(requests):
-            try:
-                parsed.append((i, *self._validate(r)))
-            except Exception as e:  # the message goes back to that client only
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
-        if parsed:
-            seeds = np.concatenate([s for _, s, _ in parsed])
-            labels = np.concatenate([lab for _, _, lab in parsed]) if self.num_classes else None
-            try:
-                images = self._generate(seeds, labels)
-            except Exception as e:
-                for i, _, _ in parsed:
-                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"inference failed: {e}"))
-                return responses
-            start = 0
-            for i, s, _ in parsed:
-                out = pb_utils.Tensor("IMAGE", images[start:start + len(s)])
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
-                start += len(s)
-        return responses
+        if self.mode == "tensor":  # z[, labels] -> image floats
+            return self._batched(requests, self._validate_tensor, self.engine.model_output,
+                                 lambda rows: pb_utils.Tensor(self.out_name, np.ascontiguousarray(rows, np.float32)))
+        return self._batched(requests, self._validate, self._generate, lambda rows: pb_utils.Tensor("IMAGE", rows))
 
     def finalize(self):
         self.engine = None
