@@ -25,6 +25,9 @@ class TrainConfig:
     # further EMA lengths kept beside the main one (exported as model-ema<decay>.safetensors at each checkpoint),
     # so the final EMA can be chosen on a held-out metric instead of fixed in advance
     extra_ema_decays: tuple[float, ...] = ()
+    # power-function EMAs (EDM2) by relative std, e.g. (0.05, 0.1): lengths proportional to the training so far,
+    # distinct from the first iteration (the classic lengths above coincide while the warm-up binds, ~10k its)
+    extra_ema_sigma_rels: tuple[float, ...] = ()
     clip_grad_norm: float | None = 1.0
     max_nan_skips: int = 20  # consecutive non-finite steps tolerated before the run stops
     log_every: int = 25

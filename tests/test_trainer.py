@@ -113,3 +113,34 @@ def test_training_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+
+
+def test_power_function_ema_matches_edm2_and_differs_from_the_start():
+    from training.trainer import EMA, power_ema_gamma
+
+    # EDM2 (Karras et al. 2024) pairs sigma_rel 0.05 with gamma 16.97 and 0.10 with gamma 6.94
+    assert power_ema_gamma(0.05) == pytest.approx(16.97, abs=0.01)
+    assert power_ema_gamma(0.10) == pytest.approx(6.94, abs=0.01)
+    with pytest.raises(ValueError):
+        power_ema_gamma(0.3)
+    net = torch.nn.Linear(1, 1, bias=False)
+    short, long_, classic = EMA(net, sigma_rel=0.05), EMA(net, sigma_rel=0.10), EMA(net, 0.999)
+    assert short.beta(0) == 0.0  # the first update copies the weights
+    # at iteration 100 the classic warm-up binds (101/110) for any decay; the power EMAs already differ
+    assert classic.beta(100) == pytest.approx(101 / 110)
+    assert short.beta(100) == pytest.approx((1 - 1 / 101) ** 17.97, rel=1e-3)
+    assert short.beta(100) < long_.beta(100)
+    with torch.no_grad():
+        for it in range(50):
+            net.weight.fill_(float(it))
+            for e in (short, long_):
+                e.update(net, it)
+    # a longer average lags further behind a weight that rises linearly
+    assert long_.net.weight.item() < short.net.weight.item() < 49
+
+
+def test_extra_power_emas_are_exported(tmp_path):
+    rc = _rc(4, **{"train.extra_ema_sigma_rels": [0.05, 0.1], "train.ckpt_every": 4})
+    train(rc, tmp_path, progress=False)
+    assert (tmp_path / "model-emastd0.05.safetensors").exists()
+    assert (tmp_path / "model-emastd0.1.safetensors").exists()

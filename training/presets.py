@@ -61,7 +61,8 @@ PRESETS: dict[str, RunConfig] = {
         method="edm-teacher", data="fashion-mnist",
         method_cfg=EDMTeacherConfig(unet=FMNIST_UNET_ATTN, grid_steps=8, init_from=SHIPPED_TEACHER,
                                     optim=OptimConfig(lr=4e-4, warmup_steps=200)),
-        train=TrainConfig(steps=4400, batch_size=64, ema_decay=0.9995, extra_ema_decays=(0.999, 0.9998),
+        train=TrainConfig(steps=6000, batch_size=64, ema_decay=0.9995, extra_ema_decays=(0.999, 0.9998),
+                          extra_ema_sigma_rels=(0.05, 0.10),
                           clip_grad_norm=1.0, log_every=25, ckpt_every=250, sample_every=500, metric_every=500,
                           metric_samples=500, seed=0, num_threads=2)),
     # Seconds on CPU: for tests and smoke runs only; its samples are noise-like.

@@ -1,13 +1,14 @@
 """The generic trainer: one loop for teacher training and every distillation method.
 
 It owns: optimizers and warm-up, EMA, gradient clipping, NaN/Inf guards, mixed precision on GPU, gradient
-accumulation, data parallelism under torchrun (gradients all-reduced across ranks, gloo or nccl), atomic
+accumulation, data parallelism under torchrun (DistributedDataParallel per phase, gloo or nccl), atomic
 checkpoints and resume, progress bar, CSV logging, periodic sample grids and a periodic metric.
 A method (training/methods/) only builds nets and returns named losses for a phase.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -50,22 +51,60 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return _dist_info()
 
 
-class EMA:
-    """Exponential moving average of a net's parameters (buffers copied), warm-up min(d, (1+it)/(10+it))."""
+def power_ema_gamma(sigma_rel: float) -> float:
+    """Exponent gamma of the power-function EMA with relative standard deviation sigma_rel (Karras et al. 2024,
+    EDM2, Eq. 3: sigma_rel^2 = (gamma+1) / ((gamma+2)^2 (gamma+3))); solved by bisection (monotone in gamma)."""
+    if not 0 < sigma_rel < 0.28:  # gamma -> 0 gives sigma_rel = sqrt(1/12) ~ 0.2887
+        raise ValueError(f"sigma_rel must lie in (0, 0.28), got {sigma_rel}")
+    lo, hi = 0.0, 1e6
+    for _ in range(200):
+        g = 0.5 * (lo + hi)
+        if (g + 1) / ((g + 2) ** 2 * (g + 3)) > sigma_rel ** 2:
+            lo = g
+        else:
+            hi = g
+    return 0.5 * (lo + hi)
 
-    def __init__(self, net: torch.nn.Module, decay: float):
+
+class EMA:
+    """Exponential moving average of a net's parameters (buffers copied).
+
+    Classic form: decay d with warm-up min(d, (1+it)/(10+it)). Power-function form (`sigma_rel` given): decay
+    (1 - 1/t)^(gamma+1) at iteration t (EDM2, Eq. 2), whose averaging length is a fixed fraction of the
+    training so far; unlike the classic form, different lengths differ from the first iterations on."""
+
+    def __init__(self, net: torch.nn.Module, decay: float = 0.0, sigma_rel: float | None = None):
         self.net = copy.deepcopy(net).requires_grad_(False).eval()
         if hasattr(net, "spec"):
             self.net.spec = net.spec
         self.decay = decay
+        self.gamma = None if sigma_rel is None else power_ema_gamma(sigma_rel)
+
+    def beta(self, it: int) -> float:
+        if self.gamma is not None:
+            return (1 - 1 / (it + 1)) ** (self.gamma + 1)
+        return min(self.decay, (1 + it) / (10 + it))
 
     @torch.no_grad()
     def update(self, net: torch.nn.Module, it: int) -> None:
-        d = min(self.decay, (1 + it) / (10 + it))
+        d = self.beta(it)
         for pe, p in zip(self.net.parameters(), net.parameters()):
             pe.lerp_(p.detach(), 1 - d)
         for be, b in zip(self.net.buffers(), net.buffers()):
             be.copy_(b)
+
+
+class _PhaseStep(torch.nn.Module):
+    """One phase's losses as a module whose parameters are that phase's net (what DDP wraps)."""
+
+    def __init__(self, method: Method, phase: str):
+        super().__init__()
+        self.net = method.trainable[phase]
+        self.phase = phase
+        object.__setattr__(self, "method", method)  # not a submodule: DDP must see only the phase net
+
+    def forward(self, batch: dict[str, Any], it: int) -> dict[str, torch.Tensor]:
+        return self.method.step(batch, it, self.phase)
 
 
 class Trainer:
@@ -93,9 +132,13 @@ class Trainer:
         self.micro_batch = cfg.batch_size // (self.world * cfg.grad_accum)
         self.optims = {name: self._make_optim(name) for name in method.trainable.keys()}
         self.emas = {name: EMA(method.trainable[name], cfg.ema_decay) for name in method.ema_names}
-        # keyed 'name@decay'; only the export net gets the extra lengths
-        self.extra_emas = {f"{method.export_name}@{d:g}": EMA(method.trainable[method.export_name], d)
-                           for d in cfg.extra_ema_decays if method.export_name in method.trainable}
+        # keyed 'name@decay' / 'name@std<sigma_rel>'; only the export net gets the extra lengths
+        self.extra_emas = {}
+        if method.export_name in method.trainable:
+            export_net = method.trainable[method.export_name]
+            self.extra_emas.update({f"{method.export_name}@{d:g}": EMA(export_net, d) for d in cfg.extra_ema_decays})
+            self.extra_emas.update({f"{method.export_name}@std{s:g}": EMA(export_net, sigma_rel=s)
+                                    for s in cfg.extra_ema_sigma_rels})
         self.it = 0
         self.nan_skips = 0
         self.best_val = float("inf")
@@ -105,6 +148,7 @@ class Trainer:
         amp = cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "off")
         self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self._ddp: dict[str, torch.nn.Module] = {}
         if self.world > 1:  # every rank starts from rank 0's weights
             for p in self.method.state_dict().values():
                 dist.broadcast(p.data if hasattr(p, "data") else p, 0)
@@ -125,6 +169,22 @@ class Trainer:
         for name, net in self.method.trainable.items():
             net.requires_grad_(name == phase)
 
+    def _phase_module(self, phase: str) -> torch.nn.Module:
+        """What computes `phase`'s losses: the method itself on one process; under torchrun a
+        DistributedDataParallel wrapper of the whole step, so that DDP sees one forward per backward whatever
+        the method does inside (nets called several times, frozen stages) and all-reduces the phase net's
+        gradients in buckets while backward runs."""
+        if self.world == 1:
+            return _PhaseStep(self.method, phase)
+        if phase not in self._ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index or 0] if self.device.type == "cuda" else None
+            # unused parameters: frozen Adv-KD stages, SiDA's discriminator head before the mix-in
+            self._ddp[phase] = DDP(_PhaseStep(self.method, phase), device_ids=ids, broadcast_buffers=False,
+                                   find_unused_parameters=True)
+        return self._ddp[phase]
+
     def train_step(self) -> dict[str, float]:
         logs: dict[str, float] = {}
         for phase in self.method.phases(self.it):
@@ -132,40 +192,33 @@ class Trainer:
             self._set_trainable(phase)
             for o in self.optims.values():
                 o.zero_grad(set_to_none=True)
+            step_module = self._phase_module(phase)
             finite = True
             agg: dict[str, float] = {}
-            for _ in range(self.cfg.grad_accum):
+            for micro in range(self.cfg.grad_accum):
                 batch = self.method.get_batch(self.data_gen, self.micro_batch, self.device)
-                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                    enabled=self.amp_dtype is not None):
-                    losses = self.method.step(batch, self.it, phase)
-                loss = losses["loss"].float() / self.cfg.grad_accum
-                if not torch.isfinite(loss):
-                    finite = False
-                    break
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                last = micro == self.cfg.grad_accum - 1
+                sync = step_module.no_sync() if (self.world > 1 and not last) else contextlib.nullcontext()
+                with sync:
+                    with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                        enabled=self.amp_dtype is not None):
+                        losses = step_module(batch, self.it)
+                    loss = losses["loss"].float() / self.cfg.grad_accum
+                    finite = finite and bool(torch.isfinite(loss))
+                    if not finite and self.world == 1:
+                        break
+                    # under DDP every rank runs every backward (the all-reduce waits for all); a non-finite
+                    # loss makes non-finite gradients everywhere and the step is skipped on every rank
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()
                 for k, v in losses.items():
                     agg[f"{phase}/{k}"] = agg.get(f"{phase}/{k}", 0.0) + float(v.detach()) / self.cfg.grad_accum
+            # a parameter that got no gradient on any rank (e.g. a frozen earlier stage) keeps grad None, so Adam
+            # does not move it on momentum alone
             params = [p for p in self.method.trainable[phase].parameters() if p.grad is not None]
             if self.world > 1:
                 flag = torch.tensor([1.0 if finite else 0.0], device=self.device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MIN)
                 finite = bool(flag.item() > 0)
-                if finite:
-                    # a parameter with no gradient on every rank (e.g. a frozen earlier stage) keeps grad None,
-                    # so Adam does not move it on momentum alone; one with a gradient on any rank is averaged
-                    plist = list(self.method.trainable[phase].parameters())
-                    has = torch.tensor([p.grad is not None for p in plist], dtype=torch.float32, device=self.device)
-                    dist.all_reduce(has, op=dist.ReduceOp.MAX)
-                    params = []
-                    for p, h in zip(plist, has.tolist()):
-                        if not h:
-                            continue
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p)
-                        dist.all_reduce(p.grad)
-                        p.grad /= self.world
-                        params.append(p)
             if finite and self.scaler:
                 self.scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm or float("inf")) \
