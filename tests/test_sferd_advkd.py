@@ -116,9 +116,10 @@ def test_attention_falls_back_to_feature_attention_without_attention_layers():
     torch.testing.assert_close(feature_attention_map(h).flatten(1).sum(1), torch.full((2,), 16.0))
 
 
-@pytest.mark.parametrize("attention", [True, False])
-def test_sferd_guided_target_formula_by_hand(attention):
-    """x0_guided = x - sigma (eps_deg + w (eps - eps_deg)), x_deg = M blur(x0) + (1 - M) x0 + sigma eps."""
+@pytest.mark.parametrize("attention,clip_x0", [(True, True), (False, True), (True, False)])
+def test_sferd_guided_target_formula_by_hand(attention, clip_x0):
+    """x0_guided = x - sigma (eps_deg + w (eps - eps_deg)), x_deg = M blur(c) + (1 - M) c + sigma eps with
+    c = clamp(x0, -1, 1) (the authors' clip_denoised) or x0."""
     from training.methods.attention_guidance import AttentionGuidedDenoiser, gaussian_blur
 
     t = _foreign_teacher(attention) if attention else _teacher()
@@ -128,13 +129,16 @@ def test_sferd_guided_target_formula_by_hand(attention):
     x, sigma = torch.randn(3, *shape) * 2.0, torch.tensor([0.5, 2.0, 2.0])
     with torch.no_grad():
         assert torch.equal(AttentionGuidedDenoiser(t, w=1.0)(x, sigma, labels), t(x, sigma, labels))
-        g = AttentionGuidedDenoiser(t)  # paper defaults: w 1.3, blur sigma 3, 15 taps
+        g = AttentionGuidedDenoiser(t, clip_x0=clip_x0)  # reference defaults: w 1.3, blur sigma 3, 15 taps
         assert (g.w, g.blur_sigma, g.blur_kernel) == (1.3, 3.0, 15)
+        assert AttentionGuidedDenoiser(t).clip_x0
         out = g(x, sigma, labels)
         mask = g.attention_mask(shape[1:])  # the map at x (captured on the first teacher call only)
         x0 = t(x, sigma, labels)
+        assert float(x0.abs().max()) > 1.0  # so the clamp matters
         s = sigma.reshape(-1, 1, 1, 1)
-        x0_deg = mask * gaussian_blur(x0, 3.0, 15) + (1 - mask) * x0
+        c = x0.clamp(-1, 1) if clip_x0 else x0
+        x0_deg = mask * gaussian_blur(c, 3.0, 15) + (1 - mask) * c
         eps = (x - x0) / s
         eps_deg = (x0_deg + s * eps - t(x0_deg + s * eps, sigma, labels)) / s
         ref = x - s * (eps_deg + 1.3 * (eps - eps_deg))
@@ -201,6 +205,7 @@ def test_sferd_trains_teacher_frozen_guided_cache_tagged(tiny_artifacts, tmp_pat
         assert np.all(np.isfinite(v)) and np.mean(v[-3:]) < np.mean(v[:3]), key
     manifest = json.loads((tmp_path / "pairs" / "cache.json").read_text())
     assert "attention-guidance(w=1.3,blur=3.0" in manifest["teacher_sha256"]
+    assert manifest["teacher_sha256"].endswith(",clip_x0)")
     # the guided targets differ from the plain teacher's on the same seeds
     plain = _rc("tiny-sferd", tiny_artifacts["teacher_ckpt"], tmp_path / "plain", "method_cfg.guidance=1.0")
     m0 = build_method(plain)

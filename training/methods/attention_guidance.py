@@ -108,12 +108,15 @@ class AttentionGuidedDenoiser(nn.Module):
     """The teacher with attention guidance; drop-in wherever a denoiser goes (samplers, pair caches).
 
     attention_layer: index into `attention_layers(raw net)` (default -1: the last one); ignored by the fallback.
+    clip_x0: clamp the teacher's x0 to the data range [-1, 1] before it is blurred and re-noised, as the SFERD
+        authors' code does (its clip_denoised=True); the guided target itself is not clamped.
     """
 
     def __init__(self, teacher: nn.Module, w: float = 1.3, blur_sigma: float = 3.0, blur_kernel: int | None = 15,
-                 attention_layer: int = -1):
+                 attention_layer: int = -1, clip_x0: bool = True):
         super().__init__()
         self.teacher = teacher
+        self.clip_x0 = bool(clip_x0)
         self.w, self.blur_sigma, self.blur_kernel = float(w), float(blur_sigma), blur_kernel
         for name in ("spec", "num_classes", "sigma_min", "sigma_max", "sigma_data", "train_sigmas"):
             if hasattr(teacher, name):
@@ -165,7 +168,8 @@ class AttentionGuidedDenoiser(nn.Module):
         if self.w == 1.0:
             return x0_hat.to(x.dtype)
         mask = self.attention_mask(x.shape[-2:])
-        x0_deg = mask * gaussian_blur(x0_hat, self.blur_sigma, self.blur_kernel) + (1 - mask) * x0_hat
+        x0_src = x0_hat.clamp(-1.0, 1.0) if self.clip_x0 else x0_hat
+        x0_deg = mask * gaussian_blur(x0_src, self.blur_sigma, self.blur_kernel) + (1 - mask) * x0_src
         eps_hat = (x.float() - x0_hat) / s
         x_deg = x0_deg + s * eps_hat
         eps_deg = (x_deg - self.teacher(x_deg.to(x.dtype), sigma, labels).float()) / s

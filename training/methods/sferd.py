@@ -38,6 +38,7 @@ class SFERDConfig(PairCacheConfig):
     blur_sigma: float = 3.0  # Gaussian blur inside the mask, pixels
     blur_kernel: int | None = 15  # taps of the blur kernel; None = 2 ceil(3 sigma) + 1
     attention_layer: int = -1  # which teacher self-attention layer (forward order); -1 = the last (decoder)
+    clip_x0: bool = True  # clamp the teacher's x0 to [-1, 1] before blurring (authors' code: clip_denoised)
     latent_dim: int = 16
     latent_steps: int = 4  # Euler steps of the latent model, unrolled in the exported graph
     latent_sigma_max: float = 20.0
@@ -66,9 +67,10 @@ class SFERD(DenoisingStudent):
         self.trainable["generator"] = gen
         if cfg.guidance != 1.0:
             self.guided_teacher = AttentionGuidedDenoiser(self.teacher, cfg.guidance, cfg.blur_sigma, cfg.blur_kernel,
-                                                          cfg.attention_layer)
+                                                          cfg.attention_layer, clip_x0=cfg.clip_x0)
             self.teacher_sha = (f"{self.teacher_sha}+attention-guidance(w={cfg.guidance},blur={cfg.blur_sigma},"
-                                f"kernel={cfg.blur_kernel},layer={self.guided_teacher.attention_source})")
+                                f"kernel={cfg.blur_kernel},layer={self.guided_teacher.attention_source}"
+                                f"{',clip_x0' if cfg.clip_x0 else ''})")
         else:
             self.guided_teacher = self.teacher
 
