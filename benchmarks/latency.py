@@ -197,7 +197,7 @@ def api_call(url: str, body: dict, timeout: float = 120.0) -> dict:
     timing.update(parse_server_timing(header))
     st = {"serialise": t1 - t0, "request": t2 - t1, "deserialise": t3 - t2,
           "api_triton": timing.get("triton", 0.0), "api_encode": timing.get("encode", 0.0)}
-    for k in ("parse", "total"):  # total: the handler, from its start to its answer
+    for k in ("parse", "queue", "total"):  # total: the handler, from its start to its answer
         if k in timing:
             st[f"api_{k}"] = timing[k]
     return st
@@ -221,8 +221,11 @@ def served_stage_rounds(pr: stats.PathResult) -> tuple[dict[str, list[float]], l
         out["HTTP + API framework" + ("" if "api_parse" in raw else " + parse")] = raw["request"] - handler - parse
         if "api_parse" in raw:
             out["API parse"] = raw["api_parse"]
+        if "api_queue" in raw:
+            out["API pool queue"] = raw["api_queue"]
         if "api_total" in raw:
-            out["API checks + thread hand-off"] = raw["api_total"] - raw["api_triton"] - raw["api_encode"]
+            out["API thread hand-off + response"] = (raw["api_total"] - parse - raw.get("api_queue", 0.0)
+                                                     - raw["api_triton"] - raw["api_encode"])
         out["API gRPC client + transport"] = raw["api_triton"] - srv["success"]
     else:
         out["transport"] = raw["infer_call"] - srv["success"]

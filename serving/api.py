@@ -113,6 +113,11 @@ def _schema_rules(max_images: int, models: dict) -> dict:
     return {"allOf": rules}
 
 
+def server_timing(ms: dict[str, float]) -> str:
+    """The W3C Server-Timing header: 'parse;dur=0.120, triton;dur=7.900, ...' (milliseconds)."""
+    return ", ".join(f"{k};dur={v:.3f}" for k, v in ms.items())
+
+
 def request_model(max_images: int, models: dict) -> type[BaseModel]:
     """The request body type of one app: its bounds (max_images, the served models) are in the schema."""
     first_seed_max = MAX_SEED - max_images + 1
@@ -415,19 +420,21 @@ def create_app(settings: APISettings) -> FastAPI:
             raise APIFailure(503, "Triton metrics unreachable", "triton_unavailable", retry=True) from None
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def run(model: str, seeds: list[int], labels, fmt: str, single: bool, rid: str):
-        """In a pool thread: Triton call (with its own deadline), then encoding, off the event loop."""
+    def run(model: str, seeds: list[int], labels, fmt: str, single: bool, rid: str, t_submit: float):
+        """In a pool thread: Triton call (with its own deadline), then encoding, off the event loop. Returns the
+        body, and the stage times (s): waiting for a pool thread, the Triton call, encoding."""
         t0 = time.perf_counter()
         images = client().generate(model, seeds, labels, request_id=rid, timeout_s=settings.request_timeout_s)
         t1 = time.perf_counter()
         if single:
-            return encode_image(images[0].transpose(1, 2, 0), fmt), None, (t1 - t0, 0.0)
+            body = encode_image(images[0].transpose(1, 2, 0), fmt)
+            return body, None, (t0 - t_submit, t1 - t0, time.perf_counter() - t1)
         out = []
         for i, s in enumerate(seeds):
             data = images[i].tobytes() if fmt == "raw" else encode_image(images[i].transpose(1, 2, 0), fmt)
             out.append({"seed": s, "label": labels[i] if labels else None, "format": fmt,
                         "shape": list(images[i].shape), "dtype": "uint8", "data": base64.b64encode(data).decode()})
-        return None, out, (t1 - t0, time.perf_counter() - t1)
+        return None, out, (t0 - t_submit, t1 - t0, time.perf_counter() - t1)
 
     gen_errors = {
         400: {**err_doc, "description": "invalid request for this model"},
@@ -471,10 +478,12 @@ def create_app(settings: APISettings) -> FastAPI:
         async with state["sem"]:
             metrics.inflight.inc()
             try:
+                t_submit = time.perf_counter()
                 fut = asyncio.get_running_loop().run_in_executor(pool, run, req.model, seeds, labels, req.format,
-                                                                 single, rid)
+                                                                 single, rid, t_submit)
                 # the Triton call carries the same deadline and frees its thread when it passes; this is a backstop
-                body, out, (t_triton, t_encode) = await asyncio.wait_for(fut, settings.request_timeout_s + 5.0)
+                body, out, (t_queue, t_triton, t_encode) = await asyncio.wait_for(fut,
+                                                                                  settings.request_timeout_s + 5.0)
             except (asyncio.TimeoutError, TritonTimeout):
                 raise APIFailure(504, f"generation took longer than {settings.request_timeout_s} s",
                                  "timeout") from None
@@ -488,12 +497,18 @@ def create_app(settings: APISettings) -> FastAPI:
             finally:
                 metrics.inflight.dec()
         metrics.images.labels(req.model).inc(len(seeds))
+        # stages of this request, one clock: parse = from the handler's start to the hand-off (checks, seeds,
+        # labels), queue = waiting for a pool thread, triton = the gRPC call, encode = images to bytes
+        ms = {"parse": (t_submit - t0) * 1e3, "queue": t_queue * 1e3, "triton": t_triton * 1e3,
+              "encode": t_encode * 1e3}
         if single:
+            ms["total"] = (time.perf_counter() - t0) * 1e3
             return Response(body, media_type=MEDIA[req.format],
-                            headers={"X-Seed": str(seeds[0]), "X-Label": str(labels[0] if labels else "")})
-        return {"model": req.model, "images": out, "request_id": rid,
-                "timings_ms": {"triton": t_triton * 1e3, "encode": t_encode * 1e3,
-                               "total": (time.perf_counter() - t0) * 1e3}}
+                            headers={"X-Seed": str(seeds[0]), "X-Label": str(labels[0] if labels else ""),
+                                     "Server-Timing": server_timing(ms)})
+        payload = {"model": req.model, "images": out, "request_id": rid, "timings_ms": ms}
+        ms["total"] = (time.perf_counter() - t0) * 1e3
+        return JSONResponse(payload, headers={"Server-Timing": server_timing(ms)})
 
     generate.__annotations__.update(req=GenerateRequest, request=Request)  # the per-app body type
 

@@ -65,34 +65,112 @@ def test_image_is_pinned_and_serves_on_8080_as_non_root():
     assert cmd[:2] == ["python3", "-c"]
     compile(cmd[2], "<healthcheck>", "exec")
     assert "http://127.0.0.1:8080/readyz" in cmd[2] and "ONESTEP_API_KEY" in cmd[2]
+    assert "ONESTEP_API_KEY_FILE" in cmd[2]
 
 
-def _pip_pins() -> dict[str, str]:
+REQ = re.compile(r"([A-Za-z0-9_.\-]+)(\[[^\]]*\])?==(\S+)")
+ORT = ("onnxruntime", "onnxruntime-gpu")
+
+
+def _variant_installs() -> dict[str, list[str]]:
+    """VARIANT -> the requirements its pip install line gets, by running the RUN instruction's shell text
+    (with `python3 -m pip install` replaced by echo) under sh with that build argument."""
+    default = re.search(r"^ARG VARIANT=(\S+)$", DOCKERFILE.read_text(), re.M)
+    assert default and default.group(1) == "cpu", "VARIANT must default to cpu"
+    runs = [args for word, args in _instructions() if word == "RUN" and args.startswith('case "${VARIANT}"')]
+    assert len(runs) == 1, runs
+    script = runs[0].replace("python3 -m pip install", "echo")
+    out = {}
+    for variant in ("cpu", "gpu", "tpu"):
+        res = subprocess.run(["sh", "-c", script], env={"VARIANT": variant, "PATH": "/usr/bin:/bin"},
+                             capture_output=True, text=True, timeout=30)
+        if variant == "tpu":  # an unknown variant stops the build
+            assert res.returncode != 0 and "VARIANT" in res.stderr, res
+            continue
+        assert res.returncode == 0, res.stderr
+        out[variant] = [t for t in shlex.split(res.stdout) if not t.startswith("-")]
+    return out
+
+
+def _pip_pins(variant: str = "cpu") -> dict[str, str]:
     pins = {}
-    for word, args in _instructions():
-        if word == "RUN" and "pip install" in args:
+    for tok in _variant_installs()[variant]:
+        m = REQ.fullmatch(tok)
+        assert m, f"unpinned requirement {tok!r}"
+        pins[m.group(1).lower().replace("_", "-")] = m.group(3)
+    for word, args in _instructions():  # any other pip install line
+        if word == "RUN" and "pip install" in args and not args.startswith('case "${VARIANT}"'):
             for tok in shlex.split(args):
-                m = re.fullmatch(r"([A-Za-z0-9_.\-]+)(\[[^\]]*\])?==(\S+)", tok)
+                m = REQ.fullmatch(tok)
                 if m:
                     pins[m.group(1).lower().replace("_", "-")] = m.group(3)
     return pins
 
 
-def test_image_installs_the_serving_stack_only():
+def _extra_pins(extra: str) -> dict[str, str]:
     import tomllib
 
-    pins = _pip_pins()
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return {m.group(1).lower(): m.group(3) for m in map(REQ.fullmatch, meta["optional-dependencies"][extra]) if m}
+
+
+def test_image_installs_the_serving_stack_only():
+    pins = _pip_pins("cpu")
     for need in ("numpy", "onnxruntime", "tritonclient", "fastapi", "uvicorn", "prometheus-client", "pillow",
                  "safetensors"):
         assert need in pins, f"{need} is not installed (pinned) in the Dockerfile"
     assert not any(p.startswith(("torch", "nvidia-pytriton", "diffusers")) for p in pins), pins
-    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for req in meta["optional-dependencies"]["serve"]:
-        m = re.fullmatch(r"([A-Za-z0-9_.\-]+)(\[[^\]]*\])?==(\S+)", req)
-        if m and m.group(1).lower() in pins:  # exact pins in pyproject must match the image's
-            assert pins[m.group(1).lower()] == m.group(3), (req, pins[m.group(1).lower()])
+    for name, version in _extra_pins("serve").items():  # exact pins in pyproject must match the image's
+        if name in pins:
+            assert pins[name] == version, (name, version, pins[name])
     runs = " ".join(args for word, args in _instructions() if word == "RUN")
     assert "--no-deps ." in runs
+
+
+def test_cpu_and_gpu_images_each_get_exactly_one_onnxruntime():
+    """VARIANT=cpu installs `onnxruntime` (the `serve` extra's pin), VARIANT=gpu `onnxruntime-gpu` (the `gpu`
+    extra's pin) and never the other; the rest of the serving stack is the same in both."""
+    installs = _variant_installs()
+    cpu, gpu = _pip_pins("cpu"), _pip_pins("gpu")
+    assert [n for n in cpu if n in ORT] == ["onnxruntime"], cpu
+    assert [n for n in gpu if n in ORT] == ["onnxruntime-gpu"], gpu
+    assert cpu["onnxruntime"] == _extra_pins("serve")["onnxruntime"]
+    assert gpu["onnxruntime-gpu"] == _extra_pins("gpu")["onnxruntime-gpu"]
+    assert {k: v for k, v in cpu.items() if k not in ORT} == {k: v for k, v in gpu.items() if k not in ORT}
+    assert len(installs["cpu"]) == len(installs["gpu"])
+    # the build itself refuses an image holding both (or the wrong one): the check runs after the install
+    text = " ".join(args for word, args in _instructions() if word == "RUN")
+    assert "'onnxruntime-gpu'" in text and "get_available_providers" in text and "os.environ['VARIANT']" in text
+
+
+def test_no_other_serving_requirement_pulls_in_onnxruntime():
+    """What pip's resolver would add: no other package of the image's pip install, nor anything it depends on
+    (with the extras it is asked for), declares a dependency on either onnxruntime build, so the GPU image
+    cannot end up with the CPU one. Read from the metadata of the distributions installed here (the same
+    packages; their versions may differ from the image's pins)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    todo = [Requirement(t) for t in _variant_installs()["gpu"]]
+    todo = [r for r in todo if r.name.lower() not in ORT]
+    seen: dict[str, list[str]] = {}
+    while todo:
+        req = todo.pop()
+        name = req.name.lower().replace("_", "-")
+        extras = sorted(req.extras)
+        if name in seen and set(extras) <= set(seen[name]):
+            continue
+        seen[name] = sorted(set(seen.get(name, [])) | set(extras))
+        try:
+            dist = metadata.distribution(req.name)
+        except metadata.PackageNotFoundError:
+            continue
+        for dep in map(Requirement, dist.requires or []):
+            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in (*extras, "")):
+                assert dep.name.lower() not in ORT, f"{req.name} depends on {dep}"
+                todo.append(dep)
+    assert {"tritonclient", "fastapi", "numpy", "grpcio", "starlette"} <= set(seen), sorted(seen)
 
 
 def _copied_packages() -> set[str]:
@@ -139,6 +217,7 @@ def test_compose_builds_the_dockerfile_and_proxies_the_api():
         assert not Path(repo).is_absolute() and ".." not in Path(repo).parts, repo
         assert [str(p) for p in services[name].get("expose", [])] == ["8080"]
         assert "ONESTEP_API_KEY" in services[name].get("environment", {})
+        assert build.get("args", {}).get("VARIANT", "cpu") in ("cpu", "gpu")
     proxy = services["proxy"]
     assert re.fullmatch(r"nginx:\d+\.\d+[\w.\-]*", proxy["image"]), proxy["image"]
     assert proxy["depends_on"]["onestep"]["condition"] == "service_healthy"

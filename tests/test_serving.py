@@ -206,3 +206,19 @@ def test_triton_killed_gives_503_then_recovers(tiny_artifacts, tmp_path):
             np.testing.assert_array_equal(first, again)
     finally:
         ts.stop()
+
+
+def test_api_server_timing_stages_add_up_to_at_most_the_total(api):
+    from benchmarks.latency import parse_server_timing
+
+    c = APIClient(api.url)
+    for body in ({"model": "tiny", "seeds": [3, 4], "format": "raw"},
+                 {"model": "tiny", "seeds": [3], "format": "png", "response": "image"}):
+        status, headers, payload = c._req("POST", "/v1/generate", body)
+        assert status == 200
+        st = parse_server_timing(headers.get("Server-Timing") or headers.get("server-timing"))
+        assert set(st) == {"parse", "queue", "triton", "encode", "total"}
+        assert all(v >= 0 for v in st.values()) and st["triton"] > 0
+        assert sum(v for k, v in st.items() if k != "total") <= st["total"] + 1e-6
+        if body.get("response") != "image":
+            assert json.loads(payload)["timings_ms"]["total"] == pytest.approx(st["total"] * 1e3, abs=1e-3)
