@@ -1,0 +1,99 @@
+"""Training curves: a run's periodic metric (the trainer's `metric/*` lines in log.jsonl) against the images
+it has seen (kimg), for one or more runs on one figure.
+
+    python -m benchmarks.training_curve --run "attention teacher=runs/teacher-attn:128" \
+        --metric classifier_kid --out benchmarks/results/teacher_curve
+
+Each --run is LABEL=RUN_DIR[:KIMG0]: KIMG0 is what the run's starting weights had already seen (a warm start),
+so that curves of continued runs line up. kimg = KIMG0 + iteration x batch / 1000, the batch read from the
+run's config.json. Writes STEM.json, STEM.md and STEM.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def read_curve(run_dir: str | Path, metric: str, kimg0: float = 0.0) -> dict:
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    batch = int(cfg["train"]["batch_size"])
+    points = []
+    for line in (run_dir / "log.jsonl").read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a killed process
+            continue
+        key = f"metric/{metric}"
+        if key in rec:
+            it = int(rec["it"])
+            points.append({"it": it, "kimg": kimg0 + it * batch / 1000.0, "value": float(rec[key]),
+                           "std": rec.get(f"{key}_std"), "n": rec.get("metric/n")})
+    seen: dict[int, dict] = {}
+    for p in points:  # a resumed run may log the same iteration twice: keep the last
+        seen[p["it"]] = p
+    return {"run_dir": str(run_dir), "batch": batch, "kimg0": kimg0, "metric": metric,
+            "points": [seen[k] for k in sorted(seen)]}
+
+
+def parse_run(spec: str) -> tuple[str, str, float]:
+    label, sep, rest = spec.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--run wants LABEL=RUN_DIR[:KIMG0], got {spec!r}")
+    path, _, k0 = rest.partition(":")
+    return label, path, float(k0) if k0 else 0.0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", action="append", required=True, help="LABEL=RUN_DIR[:KIMG0] (repeatable)")
+    ap.add_argument("--metric", default="classifier_kid", help="name after metric/ in log.jsonl")
+    ap.add_argument("--title", default="Metric vs training images")
+    ap.add_argument("--out", required=True, help="output stem")
+    args = ap.parse_args(argv)
+    curves = {}
+    for spec in args.run:
+        label, path, k0 = parse_run(spec)
+        curves[label] = read_curve(path, args.metric, k0)
+        if not curves[label]["points"]:
+            print(f"{path}: no metric/{args.metric} lines in log.jsonl", file=sys.stderr)
+            return 2
+    res = {"title": args.title, "metric": args.metric, "curves": curves,
+           "command": "python -m benchmarks.training_curve " + " ".join(
+               f'--run "{s}"' if " " in s else f"--run {s}" for s in args.run)
+           + f" --metric {args.metric} --out {args.out}"}
+    lines = [f"# {args.title}", "", f"Metric: `{args.metric}` as the trainer logs it (its own N per point).", ""]
+    for label, c in curves.items():
+        lines += [f"## {label}", "", f"Run `{c['run_dir']}`, batch {c['batch']}, starting at {c['kimg0']:g} kimg.",
+                  "", "| iteration | kimg | value |", "|---|---|---|"]
+        lines += [f"| {p['it']} | {p['kimg']:.1f} | {p['value']:.3f} |" for p in c["points"]]
+        lines.append("")
+    lines.append(f"Command: `{res['command']}`")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, c in curves.items():
+        ax.plot([p["kimg"] for p in c["points"]], [p["value"] for p in c["points"]], "o-", label=label)
+    ax.set_xlabel("training images seen (kimg)")
+    ax.set_ylabel(args.metric)
+    ax.set_title(args.title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
