@@ -331,6 +331,7 @@ def run(args) -> dict:
             man = build_repository(repo, s_onnx, "student", t_onnx, tuple((s, n) for s, n in points),
                                    max_batch=args.max_batch or max(batches + levels), max_queue_delay_us=args.queue_delay_us,
                                    onnx_providers=args.providers, intra_op_threads=args.threads,
+                                   kind="gpu" if "CUDAExecutionProvider" in args.providers else "cpu",
                                    with_onnx_platform=False)
             res["repository_batching"] = man["batching"]
             ts = TritonServer(repo, ready_timeout=600).start()

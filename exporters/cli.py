@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 
 def cmd_onnx(args) -> int:
     from exporters.onnx_export import export_onnx
 
+    names = None
+    if args.class_names is not None:
+        text = args.class_names
+        if text.startswith("@"):  # a file: a JSON list, or one name per line
+            from pathlib import Path
+
+            text = Path(text[1:]).read_text()
+            names = json.loads(text) if text.lstrip().startswith("[") else [x.strip() for x in text.splitlines()
+                                                                            if x.strip()]
+        else:
+            names = [x.strip() for x in text.split(",")]
     side = export_onnx(args.model, args.out, graph=args.graph, precision=args.precision, opset=args.opset,
-                       tolerance=args.tolerance, simplify=args.simplify)
-    print(json.dumps({k: side[k] for k in ("file", "graph", "precision", "opset", "parity", "export_seconds")},
-                     indent=2))
+                       tolerance=args.tolerance, simplify=args.simplify, names=names)
+    print(json.dumps({k: side[k] for k in ("file", "graph", "precision", "opset", "class_names", "parity",
+                                           "export_seconds")}, indent=2))
     return 0
 
 
@@ -34,7 +46,7 @@ def cmd_triton(args) -> int:
                            tuple(parse_points(args.teacher_steps)), args.engine, args.max_batch,
                            args.max_queue_delay_us, args.instances, args.kind, args.providers, args.intra_op_threads,
                            preferred_batch_sizes=preferred, max_queue_size=args.max_queue_size,
-                           queue_timeout_us=args.queue_timeout_us)
+                           queue_timeout_us=args.queue_timeout_us, response_cache=args.response_cache)
     print(json.dumps({"repository": args.out, "models": list(man["models"])}, indent=2))
     return 0
 
@@ -56,6 +68,10 @@ def register(sub) -> None:
     o.add_argument("--opset", type=int, default=18)
     o.add_argument("--tolerance", type=float, default=None, help="max abs error vs PyTorch (default 1e-4 fp32)")
     o.add_argument("--simplify", action="store_true", help="run onnxsim (pip install onnxsim)")
+    o.add_argument("--class-names", default=None,
+                   help="names of the classes, shown by the API and the web page: a comma list, or @FILE (a JSON "
+                        "list or one name per line). Default: from the checkpoint's metadata (Fashion-MNIST "
+                        "models get the dataset's names, others 'class k')")
     o.set_defaults(fn=cmd_onnx)
 
     t = ex.add_parser("tensorrt", help="ONNX -> TensorRT engine (needs TensorRT and a GPU)")
@@ -88,8 +104,15 @@ def register(sub) -> None:
     r.add_argument("--queue-timeout-us", type=int, default=tr.DEFAULT_QUEUE_TIMEOUT_US,
                    help="requests queued longer are rejected (0 = never); clients may ask for less")
     r.add_argument("--instances", type=int, default=1)
-    r.add_argument("--kind", default="cpu", choices=["cpu", "gpu"])
-    r.add_argument("--providers", default="CPUExecutionProvider",
-                   help="onnxruntime providers for the python-backend models, e.g. CUDAExecutionProvider,CPUExecutionProvider")
+    r.add_argument("--kind", default="cpu", choices=["cpu", "gpu"],
+                   help="where the models run: cpu (KIND_CPU, onnxruntime's CPU provider) or gpu (KIND_GPU instance "
+                        "groups; the python-backend models run onnxruntime-gpu's CUDA provider on the GPU Triton "
+                        "gives each instance, and fail to load where it cannot run)")
+    r.add_argument("--providers", default=None,
+                   help="onnxruntime providers for the python-backend models (default: CPUExecutionProvider for "
+                        "--kind cpu, CUDAExecutionProvider,CPUExecutionProvider for --kind gpu); must fit --kind")
+    r.add_argument("--response-cache", default=True, action=argparse.BooleanOptionalAction,
+                   help="enable Triton's response cache in the SEED[,LABEL] -> IMAGE models (default on; used by a "
+                        "server started with a cache, e.g. `onestep serve --response-cache-mib N`)")
     r.add_argument("--intra-op-threads", type=int, default=0)
     r.set_defaults(fn=cmd_triton)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from onestep.checkpoint import DENOISER_KINDS, image_shape, load_model, read_metadata
+from onestep.checkpoint import DENOISER_KINDS, CheckpointError, class_names, image_shape, load_model, read_metadata
 from onestep.noise import seeded_noise
 from onestep.provenance import atomic_write_json, sha256_file, stamp
 
@@ -114,8 +114,12 @@ def _fp64_floor(model_path, ref_module: nn.Module, graph: str, shape, num_classe
 
 
 def export_onnx(model_path: str | Path, out_path: str | Path, graph: str = "auto", precision: str = "fp32",
-                opset: int = DEFAULT_OPSET, tolerance: float | None = None, simplify: bool = False) -> dict:
-    """Export, check, measure parity; write `<out>.onnx` and `<out>.json`. Returns the sidecar."""
+                opset: int = DEFAULT_OPSET, tolerance: float | None = None, simplify: bool = False,
+                names: list[str] | None = None) -> dict:
+    """Export, check, measure parity; write `<out>.onnx` and `<out>.json`. Returns the sidecar.
+
+    The sidecar's `class_names` come from the checkpoint's metadata (`onestep.checkpoint.class_names`) unless
+    `names` gives them (one per class)."""
     import onnx
 
     if precision not in TOLERANCE:
@@ -128,6 +132,10 @@ def export_onnx(model_path: str | Path, out_path: str | Path, graph: str = "auto
     if graph == "auto":
         graph = "denoiser" if spec["kind"] in DENOISER_KINDS else "generator"
     num_classes = int(getattr(model, "num_classes", 0))
+    try:
+        labels_named = class_names({**meta, "class_names": names} if names is not None else meta, num_classes)
+    except CheckpointError as e:  # a list of names that does not fit the model
+        raise ExportError(f"{model_path}: {e}") from e
     shape = image_shape(spec)
     wrapper = (GeneratorGraph if graph == "generator" else DenoiserGraph)(model, precision).eval()
     ref_module = (GeneratorGraph if graph == "generator" else DenoiserGraph)(load_model(model_path)[0], "fp32").eval()
@@ -195,7 +203,7 @@ def export_onnx(model_path: str | Path, out_path: str | Path, graph: str = "auto
         "source": str(model_path), "source_sha256": meta.get("sha256") or sha256_file(model_path),
         "method": meta.get("method"), "graph": graph, "opset": opset, "precision": precision,
         "inputs": io(proto.graph.input), "outputs": io(proto.graph.output), "image_shape": list(shape),
-        "num_classes": num_classes, "sigma_g": spec.get("sigma_g"),
+        "num_classes": num_classes, "class_names": labels_named, "sigma_g": spec.get("sigma_g"),
         "sigma_min": getattr(model, "sigma_min", None) if graph == "denoiser" else None,
         "sigma_max": getattr(model, "sigma_max", None) if graph == "denoiser" else None,
         "output_range": [-1.0, 1.0] if graph == "generator" else None,

@@ -12,7 +12,15 @@ tritonclient) and printed with protobuf's text format, never from string templat
 - `<name>_trt`    platform tensorrt_plan when an engine is given (NVIDIA's container with a GPU).
 For a teacher: `<name>_<sampler><steps>` python-backend models, the same SEED/LABEL -> IMAGE contract served
 by an N-step sampler, so student and teacher are compared through the same path.
-`repository.json` at the root lists the models and which backends each needs.
+`repository.json` at the root lists the models, which backends each needs, and their class names.
+
+Device (`kind`): "cpu" gives every model a KIND_CPU instance group and the python-backend models onnxruntime's
+CPU provider; "gpu" gives KIND_GPU instance groups and the python-backend models the providers
+`CUDAExecutionProvider,CPUExecutionProvider`: each instance runs its network on the GPU Triton assigns it, and a
+model whose providers do not fit its kind is refused here and fails to load in Triton (serving.engine).
+The SEED[, LABEL] -> IMAGE models (student and teachers) are pure functions of their inputs, so their configs
+enable Triton's response cache (`response_cache=False` leaves it out); it takes effect only on a server
+started with a cache (`onestep serve --response-cache-mib`). The raw-tensor models never cache.
 
 Every model gets dynamic batching with the queue delay `DEFAULT_MAX_QUEUE_DELAY_US` unless told otherwise
 (the value comes from `python -m benchmarks.queue_delay`, see benchmarks/results/queue_delay.md), a bounded
@@ -41,6 +49,8 @@ DEFAULT_MAX_QUEUE_DELAY_US = 100
 DEFAULT_PREFERRED_BATCH_SIZES = (8, 32)  # plus the maximum batch
 DEFAULT_MAX_QUEUE_SIZE = 256  # requests waiting in the batcher; beyond that a request is rejected at once
 DEFAULT_QUEUE_TIMEOUT_US = 30_000_000  # a request queued longer than this is rejected (clients may ask less)
+# onnxruntime execution providers of the python-backend models for each instance kind
+DEFAULT_PROVIDERS = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider,CPUExecutionProvider"}
 
 
 def _error(message: str) -> Exception:
@@ -84,6 +94,8 @@ class Batching:
     def __post_init__(self):
         if self.max_batch < 1 or self.max_queue_delay_us < 0 or self.max_queue_size < 0 or self.queue_timeout_us < 0:
             raise _error("max batch must be >= 1; queue delay, queue size and queue timeout >= 0")
+        if self.kind not in DEFAULT_PROVIDERS:
+            raise _error(f"instance kind must be one of {', '.join(DEFAULT_PROVIDERS)}, not {self.kind!r}")
 
 
 def _common(pb, cfg, b: Batching, max_batch: int | None = None, kind: str | None = None):
@@ -113,9 +125,12 @@ def _warmup(pb, cfg, inputs: list[tuple[str, int, list[int]]], batches) -> None:
             w.inputs[name].zero_data = True
 
 
-def seed_label_config(pb, name: str, num_classes: int, shape, params: dict, b: Batching):
+def seed_label_config(pb, name: str, num_classes: int, shape, params: dict, b: Batching,
+                      response_cache: bool = False):
     cfg = pb.ModelConfig(name=name, backend="python")
     _common(pb, cfg, b)
+    if response_cache:  # (seed, label) -> image is deterministic: a repeated request is a cache hit
+        cfg.response_cache.enable = True
     cfg.input.add(name="SEED", data_type=pb.TYPE_INT64, dims=[1])
     if num_classes:
         cfg.input.add(name="LABEL", data_type=pb.TYPE_INT64, dims=[1])
@@ -152,6 +167,17 @@ def tensor_config(pb, name: str, meta: dict, b: Batching, platform: str | None =
     return cfg
 
 
+def _class_names(meta: dict, num_classes: int) -> list[str]:
+    """The class names an ONNX sidecar records (`onestep export onnx`); `class k` for sidecars written before
+    sidecars carried names."""
+    names = meta.get("class_names")
+    if names is None:
+        return [f"class {k}" for k in range(num_classes)]
+    if len(names) != num_classes:
+        raise _error(f"the sidecar lists {len(names)} class names for {num_classes} classes")
+    return [str(x) for x in names]
+
+
 def _write_model(root: Path, name: str, cfg, files: dict[str, Path | bytes]) -> None:
     mdir = root / name
     vdir = mdir / "1"
@@ -168,12 +194,21 @@ def build_repository(out_dir: str | Path, student_onnx: str | Path | None = None
                      teacher_onnx: str | Path | None = None, teacher_steps: tuple[tuple[str, int], ...] = (("heun", 18),),
                      engine: str | Path | None = None, max_batch: int = 64,
                      max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US, instances: int = 1, kind: str = "cpu",
-                     onnx_providers: str = "CPUExecutionProvider", intra_op_threads: int = 0,
+                     onnx_providers: str | None = None, intra_op_threads: int = 0,
                      with_onnx_platform: bool = True, *, preferred_batch_sizes=DEFAULT_PREFERRED_BATCH_SIZES,
                      max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE, queue_timeout_us: int = DEFAULT_QUEUE_TIMEOUT_US,
-                     with_tensor_model: bool = True) -> dict:
+                     with_tensor_model: bool = True, response_cache: bool = True) -> dict:
+    """`onnx_providers`: comma list for the python-backend models (default: DEFAULT_PROVIDERS[kind]);
+    `response_cache`: enable Triton's response cache in the SEED[, LABEL] -> IMAGE models' configs."""
     b = Batching(max_batch, max_queue_delay_us, tuple(preferred_batch_sizes), max_queue_size, queue_timeout_us,
                  instances, kind)
+    from serving.engine import ProviderError, check_placement
+
+    onnx_providers = ",".join(x.strip() for x in (onnx_providers or DEFAULT_PROVIDERS[kind]).split(",") if x.strip())
+    try:
+        check_placement(kind, onnx_providers.split(","))
+    except ProviderError as e:
+        raise _error(f"--kind {kind} with --providers {onnx_providers}: {e}") from e
     from exporters.onnx_export import artifact_sidecar, read_sidecar
 
     pb = _pb()
@@ -187,15 +222,17 @@ def build_repository(out_dir: str | Path, student_onnx: str | Path | None = None
         if meta["graph"] != "generator":
             raise _error(f"{student_onnx} is a {meta['graph']} graph; the student must be a generator graph")
         shape, n_cls = meta["image_shape"], int(meta["num_classes"])
+        names = _class_names(meta, n_cls)
         params = {"mode": "generator", "onnx_file": "model.onnx", "image_shape": ",".join(map(str, shape)),
                   "num_classes": n_cls, "providers": onnx_providers, "intra_op_threads": intra_op_threads,
                   "source_sha256": meta["source_sha256"], "onnx_sha256": meta["sha256"]}
-        cfg = seed_label_config(pb, name, n_cls, shape, params, b)
+        cfg = seed_label_config(pb, name, n_cls, shape, params, b, response_cache)
         _write_model(root, name, cfg, {"model.py": model_py, "model.onnx": Path(student_onnx),
                                        "model.onnx.json": artifact_sidecar(student_onnx)})
         manifest["models"][name] = {"role": "student", "backend": "python", "local": True, "num_classes": n_cls,
-                                    "image_shape": shape, "nfe": 1, "method": meta.get("method"),
-                                    "onnx_sha256": meta["sha256"]}
+                                    "class_names": names, "image_shape": shape, "nfe": 1,
+                                    "method": meta.get("method"), "onnx_sha256": meta["sha256"],
+                                    "response_cache": response_cache}
         if with_tensor_model:  # the raw-tensor contract on the python backend (see the module docstring)
             tparams = {**params, "mode": "tensor"}
             cfg = tensor_config(pb, f"{name}_tensor", meta, b, backend="python", params=tparams)
@@ -203,26 +240,30 @@ def build_repository(out_dir: str | Path, student_onnx: str | Path | None = None
                                                        "model.onnx.json": artifact_sidecar(student_onnx)})
             # "python-tensor": runs on the python backend, but speaks z[, labels] -> image, not SEED -> IMAGE
             manifest["models"][f"{name}_tensor"] = {"role": "student-tensor", "backend": "python-tensor",
-                                                    "local": True, "num_classes": n_cls, "image_shape": shape,
+                                                    "local": True, "num_classes": n_cls, "class_names": names,
+                                                    "image_shape": shape,
                                                     "nfe": 1, "inputs": [t["name"] for t in meta["inputs"]],
                                                     "outputs": [t["name"] for t in meta["outputs"]]}
         if with_onnx_platform:
             cfg = tensor_config(pb, f"{name}_onnx", meta, b, platform="onnxruntime_onnx")
             _write_model(root, f"{name}_onnx", cfg, {"model.onnx": Path(student_onnx)})
             manifest["models"][f"{name}_onnx"] = {"role": "student-tensor", "backend": "onnxruntime", "local": False,
-                                                  "num_classes": n_cls, "image_shape": shape, "nfe": 1}
+                                                  "num_classes": n_cls, "class_names": names, "image_shape": shape,
+                                                  "nfe": 1}
         if engine is not None:
             emeta = json.loads(artifact_sidecar(engine).read_text())
             cfg = tensor_config(pb, f"{name}_trt", emeta, b, platform="tensorrt_plan",
                                 max_batch=min(max_batch, emeta["profile"]["max"]), kind="gpu")
             _write_model(root, f"{name}_trt", cfg, {"model.plan": Path(engine)})
             manifest["models"][f"{name}_trt"] = {"role": "student-tensor", "backend": "tensorrt", "local": False,
-                                                 "num_classes": n_cls, "image_shape": shape, "nfe": 1}
+                                                 "num_classes": n_cls, "class_names": names, "image_shape": shape,
+                                                 "nfe": 1}
     if teacher_onnx is not None:
         meta = read_sidecar(teacher_onnx)
         if meta["graph"] != "denoiser":
             raise _error(f"{teacher_onnx} is a {meta['graph']} graph; the teacher must be a denoiser graph")
         shape, n_cls = meta["image_shape"], int(meta["num_classes"])
+        names = _class_names(meta, n_cls)
         from onestep.samplers import nfe
 
         for sampler, steps in teacher_steps:
@@ -232,17 +273,18 @@ def build_repository(out_dir: str | Path, student_onnx: str | Path | None = None
                       "sampler": sampler, "steps": steps, "schedule": "karras", "sigma_min": meta["sigma_min"],
                       "sigma_max": meta["sigma_max"], "source_sha256": meta["source_sha256"],
                       "onnx_sha256": meta["sha256"]}
-            cfg = seed_label_config(pb, tname, n_cls, shape, params, b)
+            cfg = seed_label_config(pb, tname, n_cls, shape, params, b, response_cache)
             _write_model(root, tname, cfg, {"model.py": model_py, "model.onnx": Path(teacher_onnx),
                                             "model.onnx.json": artifact_sidecar(teacher_onnx)})
             manifest["models"][tname] = {"role": "teacher", "backend": "python", "local": True, "num_classes": n_cls,
-                                         "image_shape": shape, "nfe": nfe(sampler, steps), "sampler": sampler,
-                                         "steps": steps}
+                                         "class_names": names, "image_shape": shape, "nfe": nfe(sampler, steps),
+                                         "sampler": sampler, "steps": steps, "response_cache": response_cache}
     if not manifest["models"]:
         raise _error("nothing to export: give a student ONNX and/or a teacher ONNX")
     manifest["batching"] = {"max_batch": b.max_batch, "max_queue_delay_us": b.max_queue_delay_us,
                             "preferred_batch_sizes": list(b.preferred), "max_queue_size": b.max_queue_size,
-                            "queue_timeout_us": b.queue_timeout_us, "instances": b.instances, "kind": b.kind}
+                            "queue_timeout_us": b.queue_timeout_us, "instances": b.instances, "kind": b.kind,
+                            "providers": onnx_providers}
     atomic_write_json(root / "repository.json", manifest)
     return manifest
 

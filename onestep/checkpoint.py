@@ -91,6 +91,42 @@ def image_shape(spec: dict) -> tuple[int, int, int]:
     return tuple(spec["image_shape"])
 
 
+def class_names(meta: dict, num_classes: int, _depth: int = 0) -> list[str]:
+    """The names of a model's classes, from its metadata (what a served model shows its users).
+
+    In order: an explicit `class_names` list in the metadata (one name per class); a student follows its
+    teacher's checkpoint (`run_config.teacher`, when that file can be read; a diffusers folder teacher is
+    foreign, so `class k` unless named explicitly); a model trained here on Fashion-MNIST (`run_config.data`,
+    10 classes, 1 channel) gets the dataset's names; anything else is `class k`. Unconditional: no names."""
+    from onestep.data import FASHION_MNIST_CLASSES
+
+    given = meta.get("class_names")
+    if given is not None:
+        if not isinstance(given, (list, tuple)) or len(given) != num_classes:
+            raise CheckpointError(f"class_names must list {num_classes} names (one per class), got {given!r:.200}")
+        return [str(x) for x in given]
+    if not num_classes:
+        return []
+    numbered = [f"class {k}" for k in range(num_classes)]
+    rc = meta.get("run_config") or {}
+    teacher = rc.get("teacher")
+    if teacher:
+        if not str(teacher).endswith(".safetensors"):
+            return numbered
+        if _depth < 4:
+            try:
+                return class_names(read_metadata(teacher, verify=False), num_classes, _depth + 1)
+            except (CheckpointError, OSError, ValueError):
+                pass  # the teacher is not here: judge by this model's own record
+    try:
+        channels = image_shape(meta.get("model") or {})[0]
+    except (KeyError, TypeError, IndexError):
+        channels = None
+    if rc.get("data") in ("fashion-mnist", "fmnist") and num_classes == 10 and channels == 1:
+        return list(FASHION_MNIST_CLASSES)
+    return numbered
+
+
 def load_teacher(path: str | os.PathLike, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, verify: bool = True) -> tuple[nn.Module, dict]:
     """A multi-step teacher D(x, sigma, labels) from our checkpoint file (kind edm-denoiser or diffusers-denoiser)

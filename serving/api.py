@@ -2,7 +2,8 @@
 
 Endpoints: POST /v1/generate, GET /v1/models, GET /healthz (liveness), GET /readyz (Triton and models ready),
 GET /metrics (Prometheus, this process), GET /metrics/triton (Triton's own metrics, proxied), GET / (a small
-page), GET /openapi.json.
+page: the one-step student beside a multi-step teacher, same seed and class, each with its latency; its script
+and style at /static/, under a strict Content-Security-Policy), GET /openapi.json.
 
 Protection: every bound of a request (images per request, seed and label ranges, seeds vs seed+n, label vs
 labels, image responses) is part of the OpenAPI schema and checked before anything is allocated; request-body
@@ -41,12 +42,29 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from onestep.images import encode_image
 from onestep.noise import MAX_SEED
 
-PAGE = Path(__file__).resolve().parent / "static" / "index.html"
+STATIC = Path(__file__).resolve().parent / "static"
+PAGE = STATIC / "index.html"
+PAGE_ASSETS = {"page.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
+# the page loads only its own script and style and talks only to this API; images arrive as data: URLs
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                                           "img-src 'self' data:; connect-src 'self'; base-uri 'none'; "
+                                           "form-action 'none'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
-OPEN_PATHS = ("/", "/healthz", "/openapi.json", "/docs")
+OPEN_PATHS = ("/", "/healthz", "/openapi.json", "/docs") + tuple(f"/static/{name}" for name in PAGE_ASSETS)
 log = logging.getLogger("onestep.api")
 access_log = logging.getLogger("onestep.access")
+
+
+def class_names(info: dict) -> list[str]:
+    """A served model's class names: from its repository manifest entry (`onestep export onnx` records them from
+    the checkpoint's metadata), else `class k`; none for an unconditional model."""
+    n = int(info.get("num_classes") or 0)
+    names = info.get("class_names")
+    if isinstance(names, list) and len(names) == n:
+        return [str(x) for x in names]
+    return [f"class {k}" for k in range(n)]
 
 
 def encodable_formats(channels: int) -> list[str]:
@@ -375,7 +393,13 @@ def create_app(settings: APISettings) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
-        return HTMLResponse(PAGE.read_text())
+        return HTMLResponse(PAGE.read_text(), headers=PAGE_HEADERS)
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def page_asset(name: str):
+        if name not in PAGE_ASSETS:
+            raise APIFailure(404, "not found", "not_found")
+        return Response((STATIC / name).read_bytes(), media_type=PAGE_ASSETS[name], headers=PAGE_HEADERS)
 
     @app.get("/healthz", summary="liveness: the API answers and Triton has not been unreachable for long",
              responses={503: {**err_doc, "description": "Triton unreachable for too long: restart me"}})
@@ -393,10 +417,12 @@ def create_app(settings: APISettings) -> FastAPI:
             return JSONResponse(body, status_code=503, headers={"Retry-After": str(settings.retry_after_s)})
         return body
 
-    @app.get("/v1/models", summary="served models with their classes, shapes and NFE", responses=common)
+    @app.get("/v1/models", summary="served models with their classes (count and names), shapes and NFE",
+             responses=common)
     async def models():
         return {"models": [{"name": k, **{f: v.get(f) for f in ("role", "num_classes", "image_shape", "nfe",
-                                                                 "method", "sampler", "steps")}}
+                                                                 "method", "sampler", "steps")},
+                            "class_names": class_names(v)}
                            for k, v in settings.models.items()]}
 
     @app.get("/metrics", include_in_schema=False)

@@ -69,7 +69,11 @@ def cmd_serve(args) -> int:
     if args.host not in LOOPBACK and not api_key:
         print(f"warning: --insecure: {args.host} serves anyone who can reach it", file=sys.stderr)
     models = args.models.split(",") if args.models else None
-    server = TritonServer(args.repo, models=models, ready_timeout=args.ready_timeout, log_path=args.triton_log)
+    if args.response_cache_mib < 0:
+        print(f"--response-cache-mib must be >= 0, not {args.response_cache_mib}", file=sys.stderr)
+        return 2
+    server = TritonServer(args.repo, models=models, ready_timeout=args.ready_timeout, log_path=args.triton_log,
+                          response_cache_bytes=args.response_cache_mib << 20)
     limit = models_max_batch(args.repo, server.models)
     if args.max_images is None:  # default: 64, or less when the models batch less
         args.max_images = min(64, limit) if limit is not None else 64
@@ -79,7 +83,8 @@ def cmd_serve(args) -> int:
         return 2
     server.start()
     print(f"Triton ready: http {server.http_url}, grpc {server.grpc_url}, metrics 127.0.0.1:{server.metrics_port} "
-          f"(pid {server.proc.pid}, log {server.log_path})", flush=True)
+          f"(pid {server.proc.pid}, log {server.log_path}, response cache "
+          f"{f'{args.response_cache_mib} MiB' if args.response_cache_mib else 'off'})", flush=True)
     exit_code = {"code": 0}
     try:
         settings = APISettings(triton_url=server.grpc_url, repository=args.repo, served=server.models,
@@ -182,6 +187,10 @@ def register(sub) -> None:
     p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for Triton readiness")
     p.add_argument("--triton-log", default=None)
+    p.add_argument("--response-cache-mib", type=int, default=64,
+                   help="size of Triton's local response cache in MiB (default %(default)s; 0 = off): a repeated "
+                        "(model, seeds, labels) request to a model exported with the response cache on (the default "
+                        "of `onestep export triton`) is answered from memory")
     p.add_argument("--drain", type=float, default=5.0,
                    help="seconds /readyz answers 503 after SIGTERM before the listener closes")
     p.add_argument("--triton-dead-after", type=float, default=30.0,

@@ -9,6 +9,11 @@ config parameters:
   of the native `<name>_onnx` model, served by the python backend (the only one in nvidia-pytriton's Triton).
 Seeds become noise through `onestep.noise.seeded_noise` (one generator per sample), so an image depends only
 on its (seed, label), never on what else the dynamic batcher put in the batch.
+
+Device: the `providers` parameter (onnxruntime execution providers) and the instance group must agree
+(`serving.engine.check_placement`): a KIND_GPU instance runs its network on the CUDA provider, on the GPU
+Triton gave it (`model_instance_device_id`), through I/O binding; a KIND_CPU instance on the CPU. A model
+that cannot run where its config says fails to load (Triton reports the error), it never falls back.
 """
 
 from __future__ import annotations
@@ -24,6 +29,16 @@ except ImportError:  # imported outside Triton (tests, docs)
     pb_utils = None
 
 
+def instance_device(args: dict, providers: list[str]) -> int:
+    """The GPU this instance runs on (Triton's `model_instance_device_id` for a KIND_GPU instance), 0 on the
+    CPU; raises when the providers do not fit the instance's kind."""
+    from serving.engine import check_placement
+
+    kind = args.get("model_instance_kind", "CPU")
+    check_placement(kind, providers)
+    return int(args["model_instance_device_id"]) if kind.upper() == "GPU" else 0
+
+
 class TritonPythonModel:
     def initialize(self, args):
         from serving.engine import ImageEngine
@@ -31,9 +46,15 @@ class TritonPythonModel:
         cfg = json.loads(args["model_config"])
         p = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        providers = [x for x in p.get("providers", "CPUExecutionProvider").split(",") if x]
+        providers = [x.strip() for x in p.get("providers", "CPUExecutionProvider").split(",") if x.strip()]
+        device_id = instance_device(args, providers)
         self.engine = ImageEngine(version_dir / p["onnx_file"], providers, p.get("sampler", "heun"),
-                                  int(p.get("steps", "1")), int(p.get("intra_op_threads", "0")))
+                                  int(p.get("steps", "1")), int(p.get("intra_op_threads", "0")), device_id=device_id)
+        if pb_utils is not None and hasattr(pb_utils, "Logger"):
+            where = f"GPU {device_id}" if self.engine.device == "cuda" else "CPU"
+            pb_utils.Logger.log_info(f"{args.get('model_instance_name', cfg.get('name'))}: onnxruntime on {where} "
+                                     f"({', '.join(self.engine.providers)}, I/O binding "
+                                     f"{'on' if self.engine.io_binding else 'off'})")
         self.num_classes = self.engine.num_classes
         self.mode = p.get("mode", "generator")
         if self.mode == "tensor":

@@ -12,6 +12,11 @@ refused whatever they carry; the model-repository, shared-memory, trace and logg
 random per-start key (HTTP header and gRPC metadata `onestep-admin-key`) that only this object knows (it is
 in Triton's argv, so on a shared host mount /proc with hidepid=2 to hide it from other users). Secrets of the
 API (ONESTEP_API_KEY, ONESTEP_API_KEY_FILE) are removed from Triton's environment.
+
+Response cache: with `response_cache_bytes` > 0 Triton starts with its local (in-memory, bounded) response cache
+of that size (`--cache-config local,size=N`, the cache library from the `caches` folder beside the backends:
+the wheel ships `caches/local`), used by the models whose config enables `response_cache`. Off by default,
+so benchmarks measure the models, not the cache; `onestep serve` turns it on.
 """
 
 from __future__ import annotations
@@ -57,17 +62,19 @@ def _pytriton_root() -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def find_tritonserver() -> tuple[Path, Path, dict]:
-    """(binary, backend directory, extra env). Prefers $TRITONSERVER_BIN, then NVIDIA's container layout,
-    then the binary inside the nvidia-pytriton wheel (with a python backend folder assembled next to it)."""
+def find_tritonserver() -> tuple[Path, Path, Path, dict]:
+    """(binary, backend directory, cache directory, extra env). Prefers $TRITONSERVER_BIN, then NVIDIA's
+    container layout, then the binary inside the nvidia-pytriton wheel (with a python backend folder assembled
+    next to it)."""
     env: dict[str, str] = {}
     explicit = os.environ.get("TRITONSERVER_BIN")
     if explicit:
         b = Path(explicit)
-        return b, Path(os.environ.get("TRITONSERVER_BACKENDS", b.parent.parent / "backends")), env
+        return (b, Path(os.environ.get("TRITONSERVER_BACKENDS", b.parent.parent / "backends")),
+                Path(os.environ.get("TRITONSERVER_CACHES", b.parent.parent / "caches")), env)
     container = Path("/opt/tritonserver/bin/tritonserver")
     if container.exists():
-        return container, Path("/opt/tritonserver/backends"), env
+        return container, Path("/opt/tritonserver/backends"), Path("/opt/tritonserver/caches"), env
     root = _pytriton_root()
     if root is None or not (root / "tritonserver" / "bin" / "tritonserver").exists():
         raise TritonError("no tritonserver binary: pip install nvidia-pytriton==0.7.0 (bundles Triton 2.51 with "
@@ -93,7 +100,7 @@ def find_tritonserver() -> tuple[Path, Path, dict]:
             shutil.rmtree(tmp, ignore_errors=True)
     libs = [sysconfig.get_config_var("LIBDIR") or "", str(root.parent / "nvidia_pytriton.libs"), str(ts / "lib")]
     env["LD_LIBRARY_PATH"] = os.pathsep.join([p for p in libs if p] + [os.environ.get("LD_LIBRARY_PATH", "")])
-    return ts / "bin" / "tritonserver", backends, env
+    return ts / "bin" / "tritonserver", backends, ts / "caches", env
 
 
 def _shm_regions() -> set[str]:
@@ -105,7 +112,7 @@ class TritonServer:
 
     def __init__(self, repository: str | Path, models: list[str] | None = None, http_port: int | None = None,
                  grpc_port: int | None = None, metrics_port: int | None = None, ready_timeout: float = 120.0,
-                 log_path: str | Path | None = None, verbose: int = 0):
+                 log_path: str | Path | None = None, verbose: int = 0, response_cache_bytes: int = 0):
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():
             raise TritonError(f"model repository {self.repository} does not exist")
@@ -122,6 +129,9 @@ class TritonServer:
         self.ready_timeout = ready_timeout
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
         self.verbose = verbose
+        if response_cache_bytes < 0:
+            raise TritonError(f"response cache size must be >= 0 bytes, not {response_cache_bytes}")
+        self.response_cache_bytes = int(response_cache_bytes)
         self.proc: subprocess.Popen | None = None
         self._shm_before: set[str] = set()
         self.admin_key = secrets.token_hex(24)
@@ -151,7 +161,7 @@ class TritonServer:
         return self._view
 
     def command(self) -> tuple[list[str], dict]:
-        binary, backends, extra_env = find_tritonserver()
+        binary, backends, caches, extra_env = find_tritonserver()
         restricted = ",".join(RESTRICTED_APIS) + f":{ADMIN_HEADER}={self.admin_key}"
         cmd = [str(binary), f"--model-repository={self._repository_view()}", f"--backend-directory={backends}",
                "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", f"--http-port={self.http_port}",
@@ -159,6 +169,11 @@ class TritonServer:
                "--exit-on-error=true", "--strict-readiness=true", f"--log-verbose={self.verbose}",
                "--exit-timeout-secs=10", "--model-control-mode=none", "--metrics-address=127.0.0.1",
                f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
+        if self.response_cache_bytes:
+            if not (caches / "local" / "libtritoncache_local.so").exists():
+                raise TritonError(f"no local response cache library under {caches} (local/libtritoncache_local.so); "
+                                  f"start without the response cache or set TRITONSERVER_CACHES")
+            cmd += [f"--cache-directory={caches}", f"--cache-config=local,size={self.response_cache_bytes}"]
         env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
         env.update(extra_env)
         # the stub finds the interpreter (and so this venv's packages) through `python3` on PATH

@@ -33,10 +33,16 @@ needs_fmnist = pytest.mark.skipif(not has_fashion_mnist(),
                                   reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 
 
+# the tiny models are untrained: their class names only need to be distinct and unlike the `class k` fallback
+TINY_CLASS_NAMES = ("apple", "boat", "cloud", "drum", "egg", "fern", "gate", "hat", "igloo", "jar")
+
+
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory):
     """A tiny teacher + one-step student (teacher copy at sigma_g = 2.5), exported to ONNX, and a Triton
-    repository with the student and a 3-step Heun teacher. Built once per test session (seconds on CPU)."""
+    repository with the student and a 3-step Heun teacher. Built once per test session (seconds on CPU).
+    Both checkpoints name their classes (TINY_CLASS_NAMES) in their metadata, so what the API and the page show
+    can be traced to it."""
     import torch
 
     from exporters.onnx_export import export_onnx
@@ -49,10 +55,10 @@ def tiny_artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
     d = make_edm_denoiser(EDMTeacherConfig(unet=TINY_UNET))
-    save_model(root / "teacher.safetensors", d, d.spec)
+    save_model(root / "teacher.safetensors", d, d.spec, extra={"class_names": list(TINY_CLASS_NAMES)})
     g = OneStepGenerator(d, 2.5)
     save_model(root / "student.safetensors", g, {"kind": "one-step-generator", "sigma_g": 2.5, "denoiser": d.spec},
-               extra={"method": "teacher-copy"})
+               extra={"method": "teacher-copy", "class_names": list(TINY_CLASS_NAMES)})
     s_side = export_onnx(root / "student.safetensors", root / "student.onnx")
     t_side = export_onnx(root / "teacher.safetensors", root / "teacher.onnx")
     build_repository(root / "repo", root / "student.onnx", "tiny", root / "teacher.onnx", (("heun", 3),),
