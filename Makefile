@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-slow install clean bench bench-quick reliability
+.PHONY: demo test test-slow install clean bench bench-quick bench-gpu reliability soak
 
 $(VENV)/.installed: pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV)
@@ -25,9 +25,16 @@ bench: $(VENV)/.installed
 bench-quick: $(VENV)/.installed
 	$(VENV)/bin/onestep bench --quick --out runs/latency_quick
 
+bench-gpu: $(VENV)/.installed
+	$(VENV)/bin/onestep bench --device cuda --out benchmarks/results/latency_gpu
+
 reliability: $(VENV)/.installed runs/demo/model_repository
 	$(PY) -m benchmarks.reliability --repo runs/demo/model_repository --model fmnist_student --seconds 20 \
 		--limit 8 --out benchmarks/results/reliability
+
+soak: $(VENV)/.installed runs/demo/model_repository
+	$(PY) -m benchmarks.soak --repo runs/demo/model_repository --model fmnist_student --minutes 10 --limit 8 \
+		--out benchmarks/results/soak
 
 runs/demo/model_repository:
 	$(VENV)/bin/onestep demo --out runs/demo

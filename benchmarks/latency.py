@@ -12,10 +12,17 @@ seeded bootstrap over rounds. Stage tables come from the same calls as the total
 encode; served: client serialisation, transport, Triton queue / compute input / infer / output from Triton's
 statistics before and after each block, the API's own timings) and are checked to add up to the total.
 FLOPs per image are counted with torch's FlopCounterMode on the exported network (teacher: NFE x denoiser
-FLOPs); the peak is a large fp32 matmul timed in the same run, so MFU = achieved FLOP/s / measured peak.
+FLOPs); the peak is a large matmul timed in the same run (fp32 on the CPU; bf16, with fp16 and fp32 beside it,
+on a GPU), so MFU = achieved FLOP/s / measured peak.
+
+`--device cuda` times the GPU paths (benchmarks/gpu.py): PyTorch eager and torch.compile (with and without CUDA
+graphs) with a synchronize after every call, onnxruntime on the CUDA provider with the served engine's options
+and I/O binding (serving/engine.py), TensorRT engines where TensorRT is installed, and Triton over gRPC with a
+`--kind gpu` repository; batches 1, 8, 64 and 256 by default; results in benchmarks/results/latency_gpu.*.
 
     python -m benchmarks.latency --student artifacts/fmnist-student.safetensors \
         --teacher artifacts/fmnist-teacher.safetensors --out benchmarks/results/latency_cpu
+    python -m benchmarks.latency --device cuda      # -> benchmarks/results/latency_gpu.{json,md,png}
 """
 
 from __future__ import annotations
@@ -69,6 +76,14 @@ def measure_peak_flops(device: str = "cpu", n: int = 1024, seconds: float = 2.0)
     best = min(times)
     return {"matmul_n": n, "dtype": "float32", "best_s": best, "flops_per_s": 2 * n**3 / best,
             "threads": torch.get_num_threads()}
+
+
+def mfu_figures(flops_per_image: float, batch: int, seconds: float, peaks: dict[str, float]) -> dict:
+    """Images/s, achieved FLOP/s and, per named peak (FLOP/s), the fraction of it reached by a call of `batch`
+    images taking `seconds`."""
+    achieved = flops_per_image * batch / seconds
+    return {"images_per_s": batch / seconds, "achieved_flops_per_s": achieved,
+            "mfu": {name: achieved / peak for name, peak in peaks.items()}}
 
 
 def count_flops(module, *args) -> int:
@@ -258,6 +273,11 @@ def run(args) -> dict:
     from onestep.samplers import make_sigmas, nfe, sample_euler, sample_heun
     from serving.engine import ImageEngine, to_uint8
 
+    cuda = args.device == "cuda"
+    if cuda:
+        from benchmarks import gpu
+
+        gpu.require_cuda()  # before anything is loaded: a clear refusal, never a CPU figure labelled GPU
     torch.set_num_threads(args.threads) if args.threads else None
     method = method_from_args(args)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="onestep-bench-"))
@@ -285,8 +305,22 @@ def run(args) -> dict:
                  + " ".join(sys.argv[1:]), "torch_threads": torch.get_num_threads(), "student": str(args.student),
                  "teacher": str(args.teacher), "student_method": smeta.get("method"), "method": method.as_dict(),
                  "method_text": method.describe(), "rows": [], "ratios": [], "stage_tables": {}, "problems": [],
-                 "load_average_start": load_average()}
-    res["peak"] = measure_peak_flops("cpu", seconds=0.3 if method.quick else 2.0)
+                 "load_average_start": load_average(), "device": args.device, "notes": []}
+    if cuda:
+        res["machine"].update(gpu.gpu_info())
+        res["peaks"] = gpu.measure_peaks(args.matmul_n, seconds=0.3 if method.quick else 2.0)
+        res["peak"] = res["peaks"][gpu.REFERENCE_DTYPE]
+        res["notes"] += [
+            "GPU timing: torch paths synchronize after every call (stages: enqueue on the host, then the wait for "
+            "the GPU); onnxruntime and TensorRT copy the result back to the host inside the call.",
+            f"torch.compile: `compile` = mode {gpu.COMPILE_MODES['compile']!r}, `compile-cudagraphs` = mode "
+            f"{gpu.COMPILE_MODES['compile-cudagraphs']!r} (CUDA graphs), dynamic=False. CUDA graphs cover one "
+            "network call: the student is one replay per batch; the teacher's multi-step loop stays in Python, one "
+            "replay per NFE with the sampler's element-wise steps between them.",
+            f"MFU against the {gpu.REFERENCE_DTYPE} matmul peak; the networks run in fp32 (TensorRT: "
+            f"{args.trt_precision}), so the fp32 column is the like-for-like ceiling."]
+    else:
+        res["peak"] = measure_peak_flops("cpu", seconds=0.3 if method.quick else 2.0)
     z1 = torch.from_numpy(seeded_noise([0], shape))
     l1 = torch.tensor([0]) if n_cls else None
     f_student = count_flops(student, z1, l1)
@@ -300,26 +334,65 @@ def run(args) -> dict:
 
     # --- everything set up first, so that every path of a batch size can be interleaved in the same rounds
     mods = {}
-    for backend in [b for b in backends if b in ("eager", "compile")]:
+    skipped = res.setdefault("skipped", {})
+    dev = "cuda" if cuda else "cpu"
+    torch_backends = [b for b in backends if b in ("eager", "compile", "compile-cudagraphs")]
+    if cuda and torch_backends:
+        student.to(dev)
+        teacher.to(dev)
+    for backend in torch_backends:
         if backend == "eager":
             mods[backend] = (student, teacher)
             continue
         try:
-            mods[backend] = (torch.compile(student), torch.compile(teacher))
+            mods[backend] = gpu.compile_pair(backend, student, teacher) if cuda else \
+                (torch.compile(student), torch.compile(teacher))
             with torch.no_grad():
-                mods[backend][0](z1, l1)
+                mods[backend][0](z1.to(dev), None if l1 is None else l1.to(dev))
         except Exception as e:  # compile needs a C++ toolchain; say why it was skipped
-            res.setdefault("skipped", {})["compile"] = f"{type(e).__name__}: {str(e)[:200]}"
+            mods.pop(backend, None)
+            skipped[backend] = f"{type(e).__name__}: {str(e)[:200]}"
     s_onnx, t_onnx = work / "student.onnx", work / "teacher.onnx"
     if not s_onnx.exists():
         export_onnx(args.student, s_onnx)
     if not t_onnx.exists():
         export_onnx(teacher_ckpt, t_onnx)
     providers = args.providers.split(",")
-    engines = {"student": ImageEngine(s_onnx, providers, intra_op_threads=args.threads)}
-    for name, k, smp, steps in models[1:]:
-        engines[name] = ImageEngine(t_onnx, providers, smp, steps, intra_op_threads=args.threads)
     served = [b for b in backends if b in ("triton-grpc", "triton-http", "triton-tensor", "api")]
+    ort_problem = gpu.onnxruntime_cuda_problem() if cuda else None
+    engines = {}
+    if "onnxruntime" in backends and not ort_problem:
+        from serving.engine import ProviderError
+
+        try:
+            engines["student"] = ImageEngine(s_onnx, providers, intra_op_threads=args.threads)
+            for name, k, smp, steps in models[1:]:
+                engines[name] = ImageEngine(t_onnx, providers, smp, steps, intra_op_threads=args.threads)
+        except ProviderError as e:
+            if not cuda:
+                raise
+            ort_problem, engines = str(e), {}
+    if ort_problem:  # the served models run the same onnxruntime provider inside Triton
+        for b in ["onnxruntime"] + served:
+            if b in backends:
+                skipped[b] = ort_problem
+        backends = [b for b in backends if b not in skipped]
+        served = []
+        if args.concurrency:
+            skipped["concurrency sweep"] = ort_problem
+            args.concurrency = ""
+    trt = {}
+    if "tensorrt" in backends:
+        why = gpu.tensorrt_problem()
+        if why is None:
+            try:
+                trt, res["tensorrt"] = gpu.tensorrt_engines(s_onnx, t_onnx, [(m[0], m[2], m[3]) for m in models[1:]],
+                                                            work / "tensorrt", args.trt_precision, max(batches))
+            except Exception as e:  # a parser or builder failure: the row says why, the other backends go on
+                why = f"{type(e).__name__}: {str(e)[:300]}"
+        if why:
+            skipped["tensorrt"] = why
+            backends = [b for b in backends if b != "tensorrt"]
     ts = api_srv = None
     try:
         if served or args.concurrency:
@@ -346,8 +419,8 @@ def run(args) -> dict:
             seeds = list(range(b))
             lab_np = (np.arange(b) % n_cls).astype(np.int64) if n_cls else None
             z = seeded_noise(seeds, shape)
-            zt = torch.from_numpy(z)
-            lab_t = torch.from_numpy(lab_np) if n_cls else None
+            zt = torch.from_numpy(z).to(dev)
+            lab_t = torch.from_numpy(lab_np).to(dev) if n_cls else None
             paths, hooks = {}, {}
             for backend in backends:
                 for name, k, smp, steps in models:
@@ -360,9 +433,17 @@ def run(args) -> dict:
                             sig = make_sigmas("karras", steps, teacher.sigma_min, teacher.sigma_max)
                             sampler = sample_heun if smp == "heun" else sample_euler
                             fn = (lambda m=t_mod, sig=sig, sampler=sampler: _no_grad_sample(sampler, m, zt, sig, lab_t))
-                    elif backend == "onnxruntime":
-                        fn = (lambda eng=engines[name]: _inprocess_call(eng, seeds, shape, lab_np, seeded_noise,
-                                                                        to_uint8))
+                        if cuda:
+                            fn = gpu.synced(fn)
+                            if backend != "eager":  # compiles this batch size now; a failure skips the path only
+                                try:
+                                    fn()
+                                except Exception as e:
+                                    skipped[f"{key} batch {b}"] = f"{type(e).__name__}: {str(e)[:200]}"
+                                    continue
+                    elif backend in ("onnxruntime", "tensorrt"):
+                        eng = engines[name] if backend == "onnxruntime" else trt[name]
+                        fn = (lambda eng=eng: _inprocess_call(eng, seeds, shape, lab_np, seeded_noise, to_uint8))
                     elif backend in ("triton-grpc", "triton-http"):
                         s_a = np.asarray(seeds, np.int64).reshape(-1, 1)
                         l_a = lab_np.reshape(-1, 1) if n_cls else None
@@ -404,7 +485,9 @@ def run(args) -> dict:
     return res
 
 
-BACKENDS = ("eager", "compile", "onnxruntime", "triton-grpc", "triton-http", "triton-tensor", "api")
+BACKENDS = ("eager", "compile", "compile-cudagraphs", "onnxruntime", "tensorrt", "triton-grpc", "triton-http",
+            "triton-tensor", "api")
+CPU_BACKENDS = "eager,onnxruntime,triton-grpc,triton-http,triton-tensor,api"
 
 
 def _no_grad(m, z, lab):
@@ -446,15 +529,20 @@ def _collect(res: dict, results: dict[str, stats.PathResult], batch: int, nfe_of
         row = {"backend": backend, "model": model, "nfe": k, "batch": batch, **percentiles(pr.all_calls()),
                "p50_ms": e["median"], "p50_ci_ms": [e["ci_low"], e["ci_high"]], "round_spread": e["spread"],
                "large_spread": e["large_spread"], "round_medians_ms": [float(x) for x in med]}
-        flops = (f_student if k == 1 and model == "student" else f_denoiser * k) * batch
-        row["images_per_s"] = batch / (e["median"] / 1e3)
-        row["achieved_gflops"] = flops / (e["median"] / 1e3) / 1e9
-        row["mfu"] = flops / (e["median"] / 1e3) / res["peak"]["flops_per_s"]
+        per_image = f_student if k == 1 and model == "student" else f_denoiser * k
+        peaks = {"reference": res["peak"]["flops_per_s"],
+                 **{dt: p["flops_per_s"] for dt, p in (res.get("peaks") or {}).items()}}
+        m = mfu_figures(per_image, batch, e["median"] / 1e3, peaks)
+        row["images_per_s"] = m["images_per_s"]
+        row["achieved_gflops"] = m["achieved_flops_per_s"] / 1e9
+        row["mfu"] = m["mfu"].pop("reference")
+        if m["mfu"]:
+            row["mfu_by_peak"] = m["mfu"]
         stage_rounds, problems = None, []
-        if backend == "onnxruntime":
-            stage_rounds = pr.stage_round_means()
-        elif pr.extra and pr.extra[0]:
+        if pr.extra and pr.extra[0]:
             stage_rounds, problems = served_stage_rounds(pr)
+        else:  # in-process paths: onnxruntime and TensorRT (noise, model, encode), torch on a GPU (enqueue, wait)
+            stage_rounds = pr.stage_round_means() or None
         if stage_rounds:
             table = stats.stage_table(pr.round_means(), stage_rounds)
             if problems:
@@ -513,21 +601,43 @@ def to_markdown(res: dict) -> str:
     summ = res["summary"]
     lines = header_lines("Latency: one-step student vs multi-step teacher", res, summ["stages_do_not_add_up"],
                          summ["large_spread"])
-    lines += [f"Torch threads {res['torch_threads']}; peak (fp32 matmul {res['peak']['matmul_n']}^3, same run): "
-              f"{res['peak']['flops_per_s']/1e9:.1f} GFLOP/s. FLOPs per image: student "
-              f"{res['flops_per_image']['student']/1e6:.1f} MFLOP; teacher "
-              f"{res['flops_per_image']['teacher_denoiser_call']/1e6:.1f} MFLOP per NFE.", ""]
+    flops_text = (f"FLOPs per image: student {res['flops_per_image']['student']/1e6:.1f} MFLOP; teacher "
+                  f"{res['flops_per_image']['teacher_denoiser_call']/1e6:.1f} MFLOP per NFE.")
+    peaks = res.get("peaks")
+    if peaks:  # a GPU run: the reference peak and the others, all timed in this run
+        ref = res["peak"]
+        others = ", ".join(f"{dt} {p['flops_per_s']/1e12:.1f}" for dt, p in peaks.items() if dt != ref["dtype"])
+        lines += [f"Device: {res['machine'].get('gpu')} (driver {res['machine'].get('gpu_driver')}, CUDA "
+                  f"{res['machine'].get('cuda_torch')} in torch, driver API {res['machine'].get('cuda_driver_api')}). "
+                  f"Peak ({ref['dtype']} matmul {ref['matmul_n']}^3, same run, {ref['timer']}): "
+                  f"{ref['flops_per_s']/1e12:.1f} TFLOP/s (others, TFLOP/s: {others}). {flops_text}", ""]
+    else:
+        lines += [f"Torch threads {res['torch_threads']}; peak (fp32 matmul {res['peak']['matmul_n']}^3, same run): "
+                  f"{res['peak']['flops_per_s']/1e9:.1f} GFLOP/s. {flops_text}", ""]
+    for note in res.get("notes") or []:
+        lines.append(f"- {note}")
+    if res.get("notes"):
+        lines.append("")
+    if res.get("tensorrt"):
+        for role, t in res["tensorrt"].items():
+            lines.append(f"TensorRT {role} engine: {t['precision']}, profile {t['profile']}, max abs error vs "
+                         f"onnxruntime {(t.get('parity') or {}).get('max_abs_err_vs_onnxruntime')}, "
+                         f"{'from the engine cache' if t.get('cache_hit') else 'built in this run'}.")
+        lines.append("")
     if res.get("repository_batching"):
         bt = res["repository_batching"]
         lines += [f"Served models: dynamic batching, queue delay {bt['max_queue_delay_us']} us, max batch "
                   f"{bt['max_batch']}, {bt['instances']} instance(s).", ""]
+    mfu_head = (f"MFU ({res['peak']['dtype']} peak) | MFU (fp32 peak) |" if peaks else "MFU |")
     lines += ["p50 = median over rounds of each round's median call [95% CI]; p95/p99 over all calls.", "",
-              "| backend | model | NFE | batch | p50 ms [95% CI] | p95 ms | p99 ms | calls | images/s | MFU |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              f"| backend | model | NFE | batch | p50 ms [95% CI] | p95 ms | p99 ms | calls | images/s | {mfu_head}",
+              "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if peaks else "")]
     for r in res["rows"]:
         ci = f"{r['p50_ms']:.2f} [{r['p50_ci_ms'][0]:.2f}, {r['p50_ci_ms'][1]:.2f}]"
+        mfu = (f"{r['mfu']*100:.3f}% | {r.get('mfu_by_peak', {}).get('float32', float('nan'))*100:.3f}% |" if peaks
+               else f"{r['mfu']*100:.1f}% |")
         lines.append(f"| {r['backend']} | {r['model']} | {r['nfe']} | {r['batch']} | {ci} | {r['p95_ms']:.2f} | "
-                     f"{r['p99_ms']:.2f} | {r['runs']} | {r['images_per_s']:.1f} | {r['mfu']*100:.1f}% |")
+                     f"{r['p99_ms']:.2f} | {r['runs']} | {r['images_per_s']:.1f} | {mfu}")
     lines += ["", "## Speed-up of the student (teacher / student, median of per-round ratios [95% CI])", "",
               "| backend | batch | teacher | NFE | speed-up | speed-up / NFE |", "|---|---|---|---|---|---|"]
     for s in summ["speedups"]:
@@ -561,7 +671,8 @@ def to_markdown(res: dict) -> str:
             lines.append(f"| {c['concurrency']} | {fmt_ci(c['images_per_s'], '.1f')} | {fmt_ci(c['p50_ms'], '.2f')} "
                          f"| {c['p99_ms']:.2f} |")
     if res.get("skipped"):
-        lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in res["skipped"].items())]
+        lines += ["", "## Not measured", "", "| backend / path | why |", "|---|---|"]
+        lines += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in res["skipped"].items()]
     lines += ["", f"Command: `{res['command']}`  ", f"Revision: {res['git_revision']}"]
     return "\n".join(lines) + "\n"
 
@@ -572,7 +683,23 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_batch = res.get("device") == "cuda" and len({r["batch"] for r in res["rows"]}) > 1
+    if by_batch:  # a GPU run: latency vs NFE at batch 1, and the student's throughput vs batch
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+        for backend in sorted({r["backend"] for r in res["rows"]}):
+            rows = sorted((r for r in res["rows"] if r["backend"] == backend and r["model"] == "student"),
+                          key=lambda r: r["batch"])
+            if rows:
+                ax2.plot([r["batch"] for r in rows], [r["images_per_s"] for r in rows], "o-", label=backend)
+        ax2.set_xscale("log", base=2)
+        ax2.set_yscale("log")
+        ax2.set_xlabel("batch")
+        ax2.set_ylabel("student images/s (batch / p50)")
+        ax2.set_title(f"Student throughput, {res['machine'].get('gpu', 'GPU')}")
+        ax2.grid(True, which="both", alpha=0.3)
+        ax2.legend()
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
     for backend in sorted({r["backend"] for r in res["rows"]}):
         rows = [r for r in res["rows"] if r["backend"] == backend and r["batch"] == 1]
         if not rows:
@@ -586,7 +713,8 @@ def plot(res: dict, path: Path) -> None:
     ax.set_ylabel("p50 latency, batch 1 (ms)")
     ax.set_title("Student (1 NFE) vs teacher (N NFE), same network")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -608,10 +736,19 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="the student's teacher: our checkpoint or a diffusers model folder")
     ap.add_argument("--teacher-points", default="euler:2,euler:8,heun:18",
                     help="teacher sampler:steps points (NFE = steps for euler, 2*steps-1 for heun)")
-    ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--backends", default="eager,onnxruntime,triton-grpc,triton-http,triton-tensor,api",
-                    help=", ".join(BACKENDS))
-    ap.add_argument("--providers", default="CPUExecutionProvider")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu (default) or cuda: the GPU paths, which refuse to run without a CUDA device")
+    ap.add_argument("--batches", default=None, help="comma list (default: 1,16 on cpu, 1,8,64,256 on cuda)")
+    ap.add_argument("--backends", default=None,
+                    help=f"comma list of {', '.join(BACKENDS)} (default: {CPU_BACKENDS} on cpu; "
+                         "eager,compile,compile-cudagraphs,onnxruntime,tensorrt,triton-grpc on cuda); "
+                         "compile-cudagraphs and tensorrt need cuda")
+    ap.add_argument("--providers", default=None,
+                    help="onnxruntime execution providers, all required (default: CPUExecutionProvider on cpu, "
+                         "CUDAExecutionProvider,CPUExecutionProvider on cuda, as `onestep export triton --kind gpu`)")
+    ap.add_argument("--matmul-n", type=int, default=8192, help="cuda: size of the bf16/fp16/fp32 peak matmul")
+    ap.add_argument("--trt-precision", choices=("fp32", "fp16", "bf16"), default="fp16",
+                    help="cuda: precision of the TensorRT engines")
     ap.add_argument("--threads", type=int, default=0, help="torch / onnxruntime threads (0 = default)")
     ap.add_argument("--min-calls", type=int, default=200, help="timed calls per path, at least")
     ap.add_argument("--window-s", type=float, default=10.0, help="timed seconds per path, at least")
@@ -622,19 +759,49 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="max batch of the served models (0 = the largest of --batches and --concurrency)")
     ap.add_argument("--concurrency", default="1,4,16", help="client counts for the served sweep ('' = none)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: batch 1, two teacher points, the same method with short windows "
+                    help="smoke run: batch 1 (1 and 8 on cuda), two teacher points, the same method with short windows "
                          "(figures indicative only)")
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--out", required=True, help="output stem: STEM.json, STEM.md, STEM.png")
+    ap.add_argument("--out", default=None, help="output stem: STEM.json, STEM.md, STEM.png (default: "
+                    "benchmarks/results/latency_cpu, or latency_gpu with --device cuda)")
+
+
+def resolve_args(args):
+    """Fill the device's defaults into `args` and refuse combinations that cannot mean what they say."""
+    from benchmarks import gpu
+    from exporters.triton_repo import DEFAULT_PROVIDERS
+
+    cuda = args.device == "cuda"
+    if args.batches is None:
+        args.batches = gpu.DEFAULT_BATCHES if cuda else "1,16"
+    if args.backends is None:
+        args.backends = gpu.DEFAULT_BACKENDS if cuda else CPU_BACKENDS
+    if args.providers is None:
+        args.providers = DEFAULT_PROVIDERS["gpu" if cuda else "cpu"]
+    if args.out is None:
+        args.out = gpu.DEFAULT_OUT if cuda else "benchmarks/results/latency_cpu"
+    if args.quick:
+        args.batches, args.teacher_points = ("1,8" if cuda else "1"), "euler:2,heun:3"
+        if args.concurrency == "1,4,16":
+            args.concurrency = "1,4"
+    backends = [b for b in args.backends.split(",") if b]
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"unknown backends {sorted(unknown)}; choose from {', '.join(BACKENDS)}")
+    gpu_only = [b for b in backends if b in gpu.GPU_ONLY_BACKENDS]
+    if gpu_only and not cuda:
+        raise ValueError(f"backends {', '.join(gpu_only)} run on a GPU only: add --device cuda")
+    providers = [p for p in args.providers.split(",") if p]
+    if cuda and "CUDAExecutionProvider" not in providers:
+        raise ValueError(f"--device cuda runs onnxruntime (in process and inside Triton) on the CUDA provider: "
+                         f"--providers {args.providers} has no CUDAExecutionProvider")
+    return args
 
 
 def main_args(args) -> int:
     from onestep.provenance import atomic_write_bytes, atomic_write_json
 
-    if args.quick:
-        args.batches, args.teacher_points = "1", "euler:2,heun:3"
-        if args.concurrency == "1,4,16":
-            args.concurrency = "1,4"
+    resolve_args(args)
     res = run(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

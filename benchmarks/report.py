@@ -18,7 +18,7 @@ def machine_line(machine: dict) -> str:
     m = machine or {}
     cpu = m.get("cpu_model") or m.get("processor") or "unknown CPU"
     parts = [f"{cpu}, {m.get('cpu_count', '?')} cores"]
-    for k in ("gpu", "gpus", "platform", "python", "hostname"):
+    for k in ("gpu", "gpus", "gpu_driver", "cuda_torch", "platform", "python", "hostname"):
         if m.get(k):
             parts.append(f"{k} {m[k]}")
     return "Machine: " + "; ".join(str(p) for p in parts) + "."
