@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--run", action="append", required=True, help="LABEL=RUN_DIR[:KIMG0] (repeatable)")
     ap.add_argument("--metric", default="classifier_kid", help="name after metric/ in log.jsonl")
     ap.add_argument("--title", default="Metric vs training images")
+    ap.add_argument("--note", default="", help="how the trainer computed the metric (sampler, N, EMA)")
     ap.add_argument("--out", required=True, help="output stem")
     args = ap.parse_args(argv)
     curves = {}
@@ -64,8 +65,9 @@ def main(argv=None) -> int:
     res = {"title": args.title, "metric": args.metric, "curves": curves,
            "command": "python -m benchmarks.training_curve " + " ".join(
                f'--run "{s}"' if " " in s else f"--run {s}" for s in args.run)
-           + f" --metric {args.metric} --out {args.out}"}
-    lines = [f"# {args.title}", "", f"Metric: `{args.metric}` as the trainer logs it (its own N per point).", ""]
+           + f' --metric {args.metric} --title "{args.title}"' + (f' --note "{args.note}"' if args.note else "")
+           + f" --out {args.out}"}
+    lines = [f"# {args.title}", "", f"Metric: `{args.metric}` as the trainer logs it. {args.note}".rstrip(), ""]
     for label, c in curves.items():
         lines += [f"## {label}", "", f"Run `{c['run_dir']}`, batch {c['batch']}, starting at {c['kimg0']:g} kimg.",
                   "", "| iteration | kimg | value |", "|---|---|---|"]
