@@ -100,9 +100,11 @@ def register(sub) -> None:
                    help="comma list of preferred batch sizes, the maximum batch is always added "
                         "(default %(default)s; '' = only the maximum batch)")
     r.add_argument("--max-queue-size", type=int, default=tr.DEFAULT_MAX_QUEUE_SIZE,
-                   help="requests the batcher queue holds; further requests are rejected at once (0 = unbounded)")
+                   help="requests the batcher queue holds; further requests are rejected at once (default 0 = "
+                        "unbounded and no queue policy: on the bundled Triton any queue policy makes some requests "
+                        "wait ~500 ms, see benchmarks/results/queue_policy.md)")
     r.add_argument("--queue-timeout-us", type=int, default=tr.DEFAULT_QUEUE_TIMEOUT_US,
-                   help="requests queued longer are rejected (0 = never); clients may ask for less")
+                   help="requests queued longer are rejected (default 0 = never); clients may ask for less")
     r.add_argument("--instances", type=int, default=1)
     r.add_argument("--kind", default="cpu", choices=["cpu", "gpu"],
                    help="where the models run: cpu (KIND_CPU, onnxruntime's CPU provider) or gpu (KIND_GPU instance "

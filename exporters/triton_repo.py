@@ -23,10 +23,11 @@ enable Triton's response cache (`response_cache=False` leaves it out); it takes 
 started with a cache (`onestep serve --response-cache-mib`). The raw-tensor models never cache.
 
 Every model gets dynamic batching with the queue delay `DEFAULT_MAX_QUEUE_DELAY_US` unless told otherwise
-(the value comes from `python -m benchmarks.queue_delay`, see benchmarks/results/queue_delay.md), a bounded
-queue (`DEFAULT_MAX_QUEUE_SIZE` requests, requests waiting longer than `DEFAULT_QUEUE_TIMEOUT_US` are
-rejected, clients may ask for a shorter timeout) and warm-up requests at batch 1 and at the maximum batch,
-so the first real request of either size does not pay for first-call allocations.
+(the value comes from `python -m benchmarks.queue_delay`, see benchmarks/results/queue_delay.md), a queue
+policy only when asked for (`max_queue_size` requests, requests waiting longer than `queue_timeout_us` are
+rejected, clients may ask for a shorter timeout; off by default, see `DEFAULT_MAX_QUEUE_SIZE` for why) and
+warm-up requests at batch 1 and at the maximum batch, so the first real request of either size does not pay
+for first-call allocations.
 """
 
 from __future__ import annotations
@@ -44,11 +45,21 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
 
 # Dynamic batcher defaults (single source: the CLI and the benchmarks read them from here). The queue delay and
 # the preferred sizes are the ones `python -m benchmarks.queue_delay` recommends (batch-1 latency and throughput
-# at 1, 4 and 16 clients; benchmarks/results/queue_delay.md).
-DEFAULT_MAX_QUEUE_DELAY_US = 100
-DEFAULT_PREFERRED_BATCH_SIZES = (8, 32)  # plus the maximum batch
-DEFAULT_MAX_QUEUE_SIZE = 256  # requests waiting in the batcher; beyond that a request is rejected at once
-DEFAULT_QUEUE_TIMEOUT_US = 30_000_000  # a request queued longer than this is rejected (clients may ask less)
+# at 1, 4 and 16 clients; benchmarks/results/queue_delay.md, measured on 2 CPU cores): no setting of 100, 500 or
+# 1000 us, with or without preferred sizes 4,16, gave more images/s at 16 clients with an interval excluding 1x,
+# and every one costs batch-1 latency; with no wait the batcher still groups what is already queued (mean batch
+# 8.6 at 16 clients). Re-run it on the serving machine (GPU: `--kind gpu` repositories) before changing these.
+DEFAULT_MAX_QUEUE_DELAY_US = 0
+DEFAULT_PREFERRED_BATCH_SIZES: tuple[int, ...] = ()  # plus the maximum batch
+# Queue policy (bounded batcher queue, queue timeout): off by default. On the bundled Triton ANY
+# default_queue_policy (a size bound alone, a timeout alone, or both) makes the dynamic batcher hold 8-12% of
+# batch-1 requests for ~500 ms before they run, even with no queue delay and an idle server
+# (benchmarks/results/queue_policy.md: p99 ~520 ms vs ~16 ms without). What still bounds the queue by default: the
+# HTTP API's in-flight limit (`onestep serve --limit`) and Triton's ports bound to localhost. Set both values
+# (`onestep export triton --max-queue-size/--queue-timeout-us`) on a Triton where `python -m benchmarks.queue_policy`
+# shows no such wait.
+DEFAULT_MAX_QUEUE_SIZE = 0  # 0: no bound; N: requests waiting in the batcher beyond N are rejected at once
+DEFAULT_QUEUE_TIMEOUT_US = 0  # 0: never; T: a request queued longer than T is rejected (clients may ask less)
 # onnxruntime execution providers of the python-backend models for each instance kind
 DEFAULT_PROVIDERS = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider,CPUExecutionProvider"}
 
@@ -104,11 +115,12 @@ def _common(pb, cfg, b: Batching, max_batch: int | None = None, kind: str | None
     db = cfg.dynamic_batching
     db.max_queue_delay_microseconds = b.max_queue_delay_us
     db.preferred_batch_size.extend(sorted({p for p in b.preferred if 1 < p < mb} | ({mb} if mb > 1 else set())))
-    q = db.default_queue_policy
-    q.timeout_action = pb.ModelQueuePolicy.REJECT
-    q.default_timeout_microseconds = b.queue_timeout_us
-    q.allow_timeout_override = True
-    q.max_queue_size = b.max_queue_size
+    if b.max_queue_size or b.queue_timeout_us:  # no policy at all otherwise (see DEFAULT_MAX_QUEUE_SIZE)
+        q = db.default_queue_policy
+        q.timeout_action = pb.ModelQueuePolicy.REJECT
+        q.default_timeout_microseconds = b.queue_timeout_us
+        q.allow_timeout_override = True
+        q.max_queue_size = b.max_queue_size
     g = cfg.instance_group.add()
     g.count = b.instances
     g.kind = pb.ModelInstanceGroup.KIND_GPU if (kind or b.kind) == "gpu" else pb.ModelInstanceGroup.KIND_CPU

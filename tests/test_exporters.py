@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from exporters.onnx_export import ExportError, artifact_sidecar, export_onnx, read_sidecar
-from exporters.triton_repo import (DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_MAX_QUEUE_SIZE, DEFAULT_QUEUE_TIMEOUT_US,
-                                   build_repository, check_name, parse_config)
+from exporters.triton_repo import (DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_MAX_QUEUE_SIZE, DEFAULT_PREFERRED_BATCH_SIZES,
+                                   DEFAULT_QUEUE_TIMEOUT_US, build_repository, check_name, parse_config)
 from onestep.checkpoint import load_model
 from onestep.noise import seeded_noise
 
@@ -81,10 +81,10 @@ def test_triton_configs_parse_with_schema(tiny_artifacts):
         assert cfg.name == name and cfg.max_batch_size == 16
         db = cfg.dynamic_batching
         assert db.max_queue_delay_microseconds == 20000
-        assert list(db.preferred_batch_size) == [8, 16]
-        q = db.default_queue_policy
-        assert q.timeout_action == q.REJECT and q.max_queue_size == DEFAULT_MAX_QUEUE_SIZE
-        assert q.default_timeout_microseconds == DEFAULT_QUEUE_TIMEOUT_US and q.allow_timeout_override
+        assert list(db.preferred_batch_size) == sorted({p for p in DEFAULT_PREFERRED_BATCH_SIZES if 1 < p < 16} | {16})
+        # no queue policy unless asked for: on the bundled Triton any policy makes the batcher hold some requests
+        # ~500 ms (benchmarks/results/queue_policy.md)
+        assert DEFAULT_MAX_QUEUE_SIZE == DEFAULT_QUEUE_TIMEOUT_US == 0 and not db.HasField("default_queue_policy")
         assert sorted(w.batch_size for w in cfg.model_warmup) == [1, 16]  # batch 1 and the maximum batch
         for w in cfg.model_warmup:
             assert set(w.inputs) == {i.name for i in cfg.input} and all(v.zero_data for v in w.inputs.values())
@@ -116,7 +116,8 @@ def test_export_triton_cli_batching_options(tiny_artifacts, tmp_path):
                  "--name", "s", "--max-batch", "32"]) == 0
     cfg = parse_config(out / "s" / "config.pbtxt")
     assert cfg.dynamic_batching.max_queue_delay_microseconds == DEFAULT_MAX_QUEUE_DELAY_US
-    assert list(cfg.dynamic_batching.preferred_batch_size) == [8, 32]
+    assert list(cfg.dynamic_batching.preferred_batch_size) == sorted(
+        {p for p in DEFAULT_PREFERRED_BATCH_SIZES if 1 < p < 32} | {32})  # the maximum batch is always preferred
     assert sorted(w.batch_size for w in cfg.model_warmup) == [1, 32]
     out2 = tmp_path / "repo2"
     assert main(["export", "triton", "--out", str(out2), "--student", str(tiny_artifacts["student_onnx"]),
@@ -125,7 +126,14 @@ def test_export_triton_cli_batching_options(tiny_artifacts, tmp_path):
     for m in ("s", "s_tensor", "s_onnx"):
         db = parse_config(out2 / m / "config.pbtxt").dynamic_batching
         assert db.max_queue_delay_microseconds == 500 and list(db.preferred_batch_size) == [4, 16, 32]
-        assert db.default_queue_policy.max_queue_size == 10 and db.default_queue_policy.default_timeout_microseconds == 0
+        q = db.default_queue_policy
+        assert q.max_queue_size == 10 and q.default_timeout_microseconds == 0
+        assert q.timeout_action == q.REJECT and q.allow_timeout_override
+    out3 = tmp_path / "repo3"
+    assert main(["export", "triton", "--out", str(out3), "--student", str(tiny_artifacts["student_onnx"]),
+                 "--name", "s", "--queue-timeout-us", "5000"]) == 0
+    q = parse_config(out3 / "s" / "config.pbtxt").dynamic_batching.default_queue_policy
+    assert q.default_timeout_microseconds == 5000 and q.max_queue_size == 0 and q.allow_timeout_override
 
 
 def test_repository_rejects_bad_names_and_graphs(tiny_artifacts, tmp_path):
