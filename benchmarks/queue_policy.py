@@ -44,19 +44,19 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def one_round(client, model: str, n_cls: int, bursts: int, burst: int, gap_s: float, stretch: int,
               seed0: int) -> list[float]:
-    lat, seed = [], seed0
-    for _ in range(bursts):
-        time.sleep(gap_s)
-        for _ in range(burst):
+    lat = []
+
+    def calls(k: int) -> None:
+        for _ in range(k):
+            seed = seed0 + len(lat)  # a new seed per call: no answer can come from a cache
             t = time.perf_counter()
             client.generate(model, [seed], [seed % n_cls] if n_cls else None)
             lat.append(time.perf_counter() - t)
-            seed += 1
-    for _ in range(stretch):
-        t = time.perf_counter()
-        client.generate(model, [seed], [seed % n_cls] if n_cls else None)
-        lat.append(time.perf_counter() - t)
-        seed += 1
+
+    for _ in range(bursts):
+        time.sleep(gap_s)
+        calls(burst)
+    calls(stretch)
     return lat
 
 
@@ -130,8 +130,8 @@ def to_markdown(res: dict) -> str:
     m = res["machine"]
     lines += ["", f"Command: `{res['command']}`",
               f"Machine: {m.get('cpu_model')}, {m.get('cpu_count')} cores; {m.get('platform')}; revision "
-              f"{res['git_revision']}; Triton server {res.get('triton_server', {}).get('version')} (bundled), tritonclient "
-              f"{res['versions'].get('tritonclient')}.", ""]
+              f"{res['git_revision']}; Triton server {res.get('triton_server', {}).get('version')} (bundled), "
+              f"tritonclient {res['versions'].get('tritonclient')}.", ""]
     return "\n".join(lines)
 
 

@@ -48,7 +48,8 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
 # at 1, 4 and 16 clients; benchmarks/results/queue_delay.md, measured on 2 CPU cores): no setting of 100, 500 or
 # 1000 us, with or without preferred sizes 4,16, gave more images/s at 16 clients with an interval excluding 1x
 # (179 images/s at zero delay), while 500 and 1000 us cost 15-25% of batch-1 latency at one client; with no wait
-# the batcher still groups what is already queued (mean batch 8.8 at 16 clients). Re-run it on the serving machine (GPU: `--kind gpu` repositories) before changing these.
+# the batcher still groups what is already queued (mean batch 8.8 at 16 clients). Re-run it on the serving
+# machine (GPU: `--kind gpu` repositories) before changing these.
 DEFAULT_MAX_QUEUE_DELAY_US = 0
 DEFAULT_PREFERRED_BATCH_SIZES: tuple[int, ...] = ()  # plus the maximum batch
 # Queue policy (bounded batcher queue, queue timeout): off by default. On the bundled Triton ANY

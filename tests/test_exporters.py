@@ -81,7 +81,7 @@ def test_triton_configs_parse_with_schema(tiny_artifacts):
         assert cfg.name == name and cfg.max_batch_size == 16
         db = cfg.dynamic_batching
         assert db.max_queue_delay_microseconds == 20000
-        assert list(db.preferred_batch_size) == sorted({p for p in DEFAULT_PREFERRED_BATCH_SIZES if 1 < p < 16} | {16})
+        assert list(db.preferred_batch_size) == [16]  # no preferred sizes by default: only the maximum batch
         # no queue policy unless asked for: on the bundled Triton any policy makes the batcher hold some requests
         # ~500 ms (benchmarks/results/queue_policy.md)
         assert DEFAULT_MAX_QUEUE_SIZE == DEFAULT_QUEUE_TIMEOUT_US == 0 and not db.HasField("default_queue_policy")
@@ -116,8 +116,8 @@ def test_export_triton_cli_batching_options(tiny_artifacts, tmp_path):
                  "--name", "s", "--max-batch", "32"]) == 0
     cfg = parse_config(out / "s" / "config.pbtxt")
     assert cfg.dynamic_batching.max_queue_delay_microseconds == DEFAULT_MAX_QUEUE_DELAY_US
-    assert list(cfg.dynamic_batching.preferred_batch_size) == sorted(
-        {p for p in DEFAULT_PREFERRED_BATCH_SIZES if 1 < p < 32} | {32})  # the maximum batch is always preferred
+    assert DEFAULT_PREFERRED_BATCH_SIZES == () and DEFAULT_MAX_QUEUE_DELAY_US == 0  # queue_delay.md's choice
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [32]  # the maximum batch is always preferred
     assert sorted(w.batch_size for w in cfg.model_warmup) == [1, 32]
     out2 = tmp_path / "repo2"
     assert main(["export", "triton", "--out", str(out2), "--student", str(tiny_artifacts["student_onnx"]),

@@ -36,3 +36,23 @@ def test_report_rows():
     assert md.count("\n| student_") == 4 and "Triton server 2.51.0" in md
     lo, hi = wilson(1, 10)
     assert f"10.0% [{lo * 100:.1f}, {hi * 100:.1f}]" in md and not math.isnan(lo)
+
+
+def test_round_pattern_sends_new_seeds_in_bursts_then_a_stretch():
+    from benchmarks.queue_policy import one_round
+
+    class Recorder:  # records what the pattern asks for; the timing itself needs the real server
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, model, seeds, labels):
+            self.calls.append((model, seeds[0], labels[0] if labels else None))
+
+    r = Recorder()
+    lat = one_round(r, "m", 10, bursts=3, burst=5, gap_s=0.0, stretch=7, seed0=100)
+    assert len(lat) == 22 and all(t >= 0 for t in lat)
+    assert [c[1] for c in r.calls] == list(range(100, 122))  # every call a new seed: no cache hit possible
+    assert r.calls[3] == ("m", 103, 3)
+    r2 = Recorder()
+    one_round(r2, "m", 0, bursts=1, burst=2, gap_s=0.0, stretch=0, seed0=0)
+    assert r2.calls == [("m", 0, None), ("m", 1, None)]  # unconditional model: no labels
