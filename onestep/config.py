@@ -14,6 +14,25 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear learning-rate warm-up
+    # after the warm-up: "constant", or "cosine" from lr down to lr * min_lr_ratio at the run's last iteration
+    # (an annealing phase, e.g. to finish a teacher trained at a constant rate)
+    decay: str = "constant"
+    min_lr_ratio: float = 0.0
+
+
+def learning_rate(oc: OptimConfig, it: int, total_steps: int) -> float:
+    """Learning rate at iteration `it` (0-based) of a run of `total_steps` iterations."""
+    import math
+
+    warm = min(1.0, (it + 1) / oc.warmup_steps) if oc.warmup_steps > 0 else 1.0
+    if oc.decay == "constant":
+        return oc.lr * warm
+    if oc.decay != "cosine":
+        raise ValueError(f"unknown learning-rate decay {oc.decay!r}; expected 'constant' or 'cosine'")
+    span = max(1, total_steps - oc.warmup_steps)
+    frac = min(1.0, max(0.0, (it - oc.warmup_steps) / span))
+    scale = oc.min_lr_ratio + (1 - oc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+    return oc.lr * warm * scale
 
 
 @dataclass(frozen=True)

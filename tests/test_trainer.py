@@ -144,3 +144,32 @@ def test_extra_power_emas_are_exported(tmp_path):
     train(rc, tmp_path, progress=False)
     assert (tmp_path / "model-emastd0.05.safetensors").exists()
     assert (tmp_path / "model-emastd0.1.safetensors").exists()
+
+
+def test_learning_rate_warmup_then_cosine_to_the_floor():
+    from onestep.config import OptimConfig, learning_rate
+
+    oc = OptimConfig(lr=4e-4, warmup_steps=100, decay="cosine", min_lr_ratio=0.1)
+    # golden values: warm-up (it+1)/100; then lr * (0.1 + 0.9 * (1 + cos(pi * (it - 100) / 900)) / 2)
+    assert learning_rate(oc, 0, 1000) == pytest.approx(4e-6)
+    assert learning_rate(oc, 99, 1000) == pytest.approx(4e-4)
+    assert learning_rate(oc, 550, 1000) == pytest.approx(4e-4 * 0.55)
+    assert learning_rate(oc, 325, 1000) == pytest.approx(4e-4 * (0.1 + 0.9 * (1 + np.cos(np.pi / 4)) / 2))
+    assert learning_rate(oc, 1000, 1000) == pytest.approx(4e-5)
+    assert learning_rate(oc, 5000, 1000) == pytest.approx(4e-5)  # past the end: the floor
+    const = OptimConfig(lr=1e-3, warmup_steps=10)
+    assert learning_rate(const, 4, 1000) == pytest.approx(5e-4)
+    assert learning_rate(const, 900, 1000) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="unknown learning-rate decay"):
+        learning_rate(OptimConfig(decay="linear"), 0, 10)
+
+
+@needs_fmnist
+def test_trainer_logs_the_cosine_learning_rate(tmp_path):
+    rc = _rc(8, **{"train.log_every": 1, "method_cfg.optim.decay": "cosine", "method_cfg.optim.warmup_steps": 0,
+                   "method_cfg.optim.lr": 1e-3})
+    train(rc, tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    lrs = [r["denoiser/lr"] for r in rows if "denoiser/lr" in r]
+    # the rate each iteration used: 1e-3 * (1 + cos(pi * it / 8)) / 2, reaching 0 where the run ends
+    assert lrs == pytest.approx([1e-3 * (1 + np.cos(np.pi * it / 8)) / 2 for it in range(8)], rel=1e-9)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from onestep.checkpoint import CheckpointError, save_model
-from onestep.config import TrainConfig, to_dict
+from onestep.config import TrainConfig, learning_rate, to_dict
 from onestep.data import to_uint8
 from onestep.images import save_grid
 from onestep.provenance import atomic_write_json, stamp
@@ -160,10 +160,7 @@ class Trainer:
                                 eps=oc.eps, weight_decay=oc.weight_decay)
 
     def _lr(self, name: str) -> float:
-        oc = self.method.optim_config(name)
-        if oc.warmup_steps > 0:
-            return oc.lr * min(1.0, (self.it + 1) / oc.warmup_steps)
-        return oc.lr
+        return learning_rate(self.method.optim_config(name), self.it, self.cfg.steps)
 
     def _set_trainable(self, phase: str) -> None:
         for name, net in self.method.trainable.items():
