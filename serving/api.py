@@ -67,10 +67,12 @@ def class_names(info: dict) -> list[str]:
     return [f"class {k}" for k in range(n)]
 
 
+_FORMATS = {1: ("png", "jpeg", "webp"), 3: ("png", "jpeg", "webp"), 2: ("png", "webp"), 4: ("png", "webp")}
+
+
 def encodable_formats(channels: int) -> list[str]:
     """Image encodings that carry `channels` channels (1 grayscale, 2 grayscale + alpha, 3 RGB, 4 RGBA)."""
-    return {1: ["png", "jpeg", "webp"], 3: ["png", "jpeg", "webp"], 2: ["png", "webp"],
-            4: ["png", "webp"]}.get(channels, [])
+    return list(_FORMATS.get(channels, ()))
 
 
 @dataclass
@@ -236,6 +238,131 @@ def _clean_validation(errors) -> list[dict]:
     return out
 
 
+def _url_path(path: str) -> str:
+    """The ASGI path as `request.url.path` reports it (the form the key check and the access log use): '?', '#'
+    and backslash percent-escaped, a leading '/' ensured, then tab, CR and LF dropped."""
+    path = path.replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
+    if path and path[0] != "/":
+        path = "/" + path
+    if "\t" in path or "\r" in path or "\n" in path:
+        path = path.replace("\t", "").replace("\r", "").replace("\n", "")
+    return path
+
+
+def _set_header(headers, name: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
+    """Raw ASGI headers with `name` set to `value`: the first one replaced in place, any others dropped, else
+    appended."""
+    out, done = [], False
+    for k, v in headers:
+        if k.lower() == name:
+            if not done:
+                out.append((name, value))
+                done = True
+        else:
+            out.append((k, v))
+    if not done:
+        out.append((name, value))
+    return out
+
+
+class RequestFrame:
+    """Plain ASGI middleware around every HTTP request, routed or not (404s, 405s and validation errors too):
+    the request id (the client's sane X-Request-ID, else a new one; kept in scope["state"] for the handlers),
+    the body-length and API-key guard, X-Request-ID on every response, the request counter and latency
+    histogram, the JSON access log line, and a 500 {"detail": "internal error", "request_id": ...} for anything
+    a handler raised that nothing else answered (the error itself goes to the log only).
+
+    It calls the app directly with the same scope and a send wrapper: no extra task, no body streams."""
+
+    def __init__(self, app, *, settings: APISettings, metrics: Metrics, error_response):
+        self.app, self.settings, self.metrics, self.error_response = app, settings, metrics, error_response
+        self.series: dict[tuple[str, str, str], tuple[Any, Any]] = {}  # (handler, method, code) -> children
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        given_id = length = api_key = auth = None
+        for k, v in scope["headers"]:  # the first of each, as request.headers.get gives it
+            if k == b"x-request-id":
+                if given_id is None:
+                    given_id = v.decode("latin-1")
+            elif k == b"content-length":
+                if length is None:
+                    length = v.decode("latin-1")
+            elif k == b"x-api-key":
+                if api_key is None:
+                    api_key = v.decode("latin-1")
+            elif k == b"authorization":
+                if auth is None:
+                    auth = v.decode("latin-1")
+        rid = given_id if given_id is not None and REQUEST_ID.match(given_id) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        rid_header = rid.encode("latin-1")
+        method = scope["method"]
+        status = None
+
+        async def send_framed(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = dict(message)
+                message["headers"] = _set_header(message.get("headers") or (), b"x-request-id", rid_header)
+            await send(message)
+
+        try:
+            refusal = self.guard(method, scope["path"], length, api_key, auth, rid)
+            if refusal is None:
+                await self.app(scope, receive, send_framed)
+            else:
+                await refusal(scope, receive, send_framed)
+            if status is None:
+                raise RuntimeError("the app returned without starting a response")
+        except Exception:
+            log.exception(json.dumps({"event": "unhandled", "request_id": rid}))
+            if status is not None:  # the response has begun: nothing sane can follow; the server closes it
+                self.record(scope, method, status, t0, rid)
+                raise
+            await self.error_response(rid, 500, "internal error", "internal")(scope, receive, send_framed)
+        self.record(scope, method, status, t0, rid)
+
+    def guard(self, method: str, path: str, length: str | None, api_key: str | None, auth: str | None,
+              rid: str) -> Response | None:
+        settings = self.settings
+        if method == "POST":
+            if length is None or not (length.isascii() and length.isdigit()):
+                return self.error_response(rid, 411, "Content-Length required", "no_length")
+            if int(length) > settings.max_body_bytes:
+                return self.error_response(rid, 413, f"request body over {settings.max_body_bytes} bytes",
+                                           "too_large")
+        if settings.api_key and _url_path(path) not in OPEN_PATHS:
+            given = api_key or ""
+            auth = auth or ""
+            if auth.lower().startswith("bearer "):
+                given = given or auth[7:]
+            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+                return self.error_response(rid, 401, "missing or wrong API key (X-API-Key header)", "auth")
+        return None
+
+    def record(self, scope, method: str, status: int, t0: float, rid: str) -> None:
+        dt = time.perf_counter() - t0
+        route = scope.get("route")  # set by the router on the shared scope; none for 404s and guard refusals
+        key = (getattr(route, "path", None) or "other", method, str(status))
+        series = self.series.get(key)
+        if series is None:
+            series = (self.metrics.requests.labels(*key), self.metrics.latency.labels(*key))
+            if len(self.series) < 4096:
+                self.series[key] = series
+        series[0].inc()
+        series[1].observe(dt)
+        if access_log.isEnabledFor(logging.INFO):
+            client = scope.get("client")
+            access_log.info(json.dumps({"ts": round(time.time(), 3), "request_id": rid, "method": method,
+                                        "path": _url_path(scope["path"]), "status": status,
+                                        "duration_ms": round(dt * 1e3, 2), "client": client[0] if client else None}))
+
+
 def create_app(settings: APISettings) -> FastAPI:
     from serving.client import TritonFailed, TritonImageClient, TritonTimeout, TritonUnavailable
 
@@ -311,56 +438,14 @@ def create_app(settings: APISettings) -> FastAPI:
 
     app.state.begin_stop = begin_stop
 
-    def error_response(request: Request, status: int, detail: Any, reason: str, retry: bool = False) -> JSONResponse:
+    def error_response(rid: str, status: int, detail: Any, reason: str, retry: bool = False) -> JSONResponse:
         metrics.errors.labels(reason).inc()
-        rid = _request_id(request)
         headers = {"X-Request-ID": rid}
         if retry:
             headers["Retry-After"] = str(settings.retry_after_s)
         return JSONResponse({"detail": detail, "request_id": rid}, status_code=status, headers=headers)
 
-    def handler_of(request: Request) -> str:
-        route = request.scope.get("route")
-        return getattr(route, "path", None) or "other"
-
-    @app.middleware("http")
-    async def frame(request: Request, call_next):
-        t0 = time.perf_counter()
-        rid = _request_id(request)
-        try:
-            response = await guard(request)
-            if response is None:
-                response = await call_next(request)
-        except Exception:
-            log.exception(json.dumps({"event": "unhandled", "request_id": rid}))
-            response = error_response(request, 500, "internal error", "internal")
-        response.headers["X-Request-ID"] = rid
-        dt = time.perf_counter() - t0
-        handler = handler_of(request)
-        metrics.requests.labels(handler, request.method, str(response.status_code)).inc()
-        metrics.latency.labels(handler, request.method, str(response.status_code)).observe(dt)
-        access_log.info(json.dumps({"ts": round(time.time(), 3), "request_id": rid, "method": request.method,
-                                    "path": request.url.path, "status": response.status_code,
-                                    "duration_ms": round(dt * 1e3, 2),
-                                    "client": request.client.host if request.client else None}))
-        return response
-
-    async def guard(request: Request) -> Response | None:
-        if request.method == "POST":
-            length = request.headers.get("content-length")
-            if length is None or not length.isdigit():
-                return error_response(request, 411, "Content-Length required", "no_length")
-            if int(length) > settings.max_body_bytes:
-                return error_response(request, 413, f"request body over {settings.max_body_bytes} bytes",
-                                      "too_large")
-        if settings.api_key and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("x-api-key") or ""
-            auth = request.headers.get("authorization") or ""
-            if auth.lower().startswith("bearer "):
-                given = given or auth[7:]
-            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-                return error_response(request, 401, "missing or wrong API key (X-API-Key header)", "auth")
-        return None
+    app.add_middleware(RequestFrame, settings=settings, metrics=metrics, error_response=error_response)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -373,20 +458,20 @@ def create_app(settings: APISettings) -> FastAPI:
                 asked = len(given)
             else:
                 continue
-            return error_response(request, 400, f"at most {settings.max_images} images per request, asked for "
-                                                f"{asked}", "too_many")
-        return error_response(request, 422, _clean_validation(errors), "invalid")
+            return error_response(_request_id(request), 400, f"at most {settings.max_images} images per request, "
+                                                             f"asked for {asked}", "too_many")
+        return error_response(_request_id(request), 422, _clean_validation(errors), "invalid")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_exc(request: Request, exc: StarletteHTTPException):
-        resp = error_response(request, exc.status_code, exc.detail, "http")
+        resp = error_response(_request_id(request), exc.status_code, exc.detail, "http")
         for k, v in (exc.headers or {}).items():
             resp.headers[k] = v
         return resp
 
     @app.exception_handler(APIFailure)
     async def failure(request: Request, exc: APIFailure):
-        return error_response(request, exc.status, exc.detail, exc.reason, exc.retry)
+        return error_response(_request_id(request), exc.status, exc.detail, exc.reason, exc.retry)
 
     err_doc = {"model": ErrorBody}
     common = {401: {**err_doc, "description": "missing or wrong API key"}}
