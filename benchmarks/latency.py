@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import json
 import sys
 import tempfile
 import time
-import urllib.request
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -193,16 +194,45 @@ def parse_server_timing(header: str | None) -> dict:
     return out
 
 
-def api_call(url: str, body: dict, timeout: float = 120.0) -> dict:
-    """One POST /v1/generate (JSON response, base64 images), with its stages timed. The API's own timings come
-    from a Server-Timing header when it sends one, else from `timings_ms` in the body."""
+class APIConnection:
+    """One keep-alive HTTP/1.1 connection to the API, as a production client (or tritonclient.http, for the
+    triton-http path) holds it: the measured time is the request's, not a TCP handshake's. Reopened after an
+    error."""
+
+    def __init__(self, url: str, timeout: float = 120.0):
+        u = urllib.parse.urlsplit(url)
+        self.host, self.port, self.timeout = u.hostname, u.port, timeout
+        self.conn: http.client.HTTPConnection | None = None
+
+    def post(self, path: str, body: bytes) -> tuple[bytes, str | None]:
+        """(response body, Server-Timing header) of a POST that must answer 200."""
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            self.conn.request("POST", path, body, {"Content-Type": "application/json"})
+            r = self.conn.getresponse()
+            payload = r.read()
+        except Exception:
+            self.close()
+            raise
+        if r.status != 200:
+            raise RuntimeError(f"POST {path}: HTTP {r.status}: {payload[:300]!r}")
+        return payload, r.getheader("Server-Timing")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def api_call(conn: APIConnection, body: dict) -> dict:
+    """One POST /v1/generate (JSON response, base64 images) on a kept-alive connection, with its stages timed.
+    The API's own timings come from a Server-Timing header when it sends one, else from `timings_ms` in the
+    body."""
     t0 = perf()
-    req = urllib.request.Request(url + "/v1/generate", data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    data = json.dumps(body).encode()
     t1 = perf()
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        payload = r.read()
-        header = r.headers.get("Server-Timing")
+    payload, header = conn.post("/v1/generate", data)
     t2 = perf()
     out = json.loads(payload)
     for im in out["images"]:
@@ -393,7 +423,7 @@ def run(args) -> dict:
         if why:
             skipped["tensorrt"] = why
             backends = [b for b in backends if b != "tensorrt"]
-    ts = api_srv = None
+    ts = api_srv = api_conn = None
     try:
         if served or args.concurrency:
             from serving.client import TritonImageClient
@@ -414,7 +444,8 @@ def run(args) -> dict:
                        "triton-tensor": TritonImageClient(ts.grpc_url, "grpc")}
             tensor_names = (*man["models"]["student_tensor"]["inputs"], man["models"]["student_tensor"]["outputs"][0])
             if "api" in served:
-                api_srv = _start_api(ts, repo)
+                api_srv = _start_api(ts, repo, work / "api.log")
+                api_conn = APIConnection(api_srv.url)
         for b in batches:
             seeds = list(range(b))
             lab_np = (np.arange(b) % n_cls).astype(np.int64) if n_cls else None
@@ -462,7 +493,7 @@ def run(args) -> dict:
                         body = {"model": name, "seeds": seeds, "format": "png"}
                         if n_cls:
                             body["labels"] = [int(x) for x in lab_np]
-                        fn = (lambda body=body: api_call(api_srv.url, body))
+                        fn = (lambda body=body: api_call(api_conn, body))
                         hooks[key] = statistics_hook(stat_client, name)
                     else:
                         continue
@@ -476,6 +507,8 @@ def run(args) -> dict:
             res["concurrency"] = concurrency_sweep(ts.grpc_url, "student", [int(c) for c in args.concurrency.split(",")],
                                                    n_cls, method)
     finally:
+        if api_conn is not None:
+            api_conn.close()
         if api_srv is not None:
             api_srv.stop()
         if ts is not None:
@@ -627,7 +660,9 @@ def to_markdown(res: dict) -> str:
     if res.get("repository_batching"):
         bt = res["repository_batching"]
         lines += [f"Served models: dynamic batching, queue delay {bt['max_queue_delay_us']} us, max batch "
-                  f"{bt['max_batch']}, {bt['instances']} instance(s).", ""]
+                  f"{bt['max_batch']}, {bt['instances']} instance(s). Triton paths: tritonclient (gRPC or HTTP, "
+                  "one client each). API path: the HTTP API in a process of its own (as `onestep serve` runs it), "
+                  "gRPC to the same Triton, called over one kept-alive HTTP/1.1 connection.", ""]
     mfu_head = (f"MFU ({res['peak']['dtype']} peak) | MFU (fp32 peak) |" if peaks else "MFU |")
     lines += ["p50 = median over rounds of each round's median call [95% CI]; p95/p99 over all calls.", "",
               f"| backend | model | NFE | batch | p50 ms [95% CI] | p95 ms | p99 ms | calls | images/s | {mfu_head}",
@@ -720,12 +755,14 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _start_api(ts, repo):
+def _start_api(ts, repo, log_path=None):
+    """The HTTP API in a process of its own, as `onestep serve` runs it (no interpreter lock shared with the
+    measuring client), talking gRPC to the benchmark's Triton."""
     from serving.api import APISettings
-    from serving.background import APIThread
+    from serving.background import APIProcess
 
-    return APIThread(APISettings(triton_url=ts.grpc_url, repository=str(repo), max_images=256,
-                                 max_inflight=256)).start()
+    return APIProcess(APISettings(triton_url=ts.grpc_url, repository=str(repo), max_images=256, max_inflight=256),
+                      log_path=str(log_path) if log_path else None).start()
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
