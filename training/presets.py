@@ -68,14 +68,14 @@ PRESETS: dict[str, RunConfig] = {
                           metric_samples=500, seed=0, num_threads=2)),
     # The attention teacher's annealing phase: warm-started from the shipped 404-kimg attention teacher (its EMA
     # weights; Adam starts fresh, hence the warm-up), then the learning rate falls along a cosine to zero over
-    # 2800 iterations x 64 = 179 kimg (583 kimg in all). Results: benchmarks/results/teacher_attn.md.
+    # 2000 iterations x 64 = 128 kimg (532 kimg in all). Results: benchmarks/results/teacher_attn.md.
     "fmnist-teacher-attn-anneal": RunConfig(
         method="edm-teacher", data="fashion-mnist",
         method_cfg=EDMTeacherConfig(unet=FMNIST_UNET_ATTN, grid_steps=8, init_from=ATTN_TEACHER,
                                     optim=OptimConfig(lr=4e-4, warmup_steps=100, decay="cosine")),
-        train=TrainConfig(steps=2800, batch_size=64, ema_decay=0.999, extra_ema_decays=(0.998, 0.9995),
+        train=TrainConfig(steps=2000, batch_size=64, ema_decay=0.999, extra_ema_decays=(0.998, 0.9995),
                           extra_ema_sigma_rels=(0.05, 0.10),
-                          clip_grad_norm=1.0, log_every=25, ckpt_every=250, sample_every=1400, metric_every=0,
+                          clip_grad_norm=1.0, log_every=25, ckpt_every=250, sample_every=1000, metric_every=0,
                           metric_samples=500, seed=1, num_threads=2)),
     # Seconds on CPU: for tests and smoke runs only; its samples are noise-like.
     "tiny-teacher": RunConfig(
