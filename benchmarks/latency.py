@@ -434,6 +434,7 @@ def run(args) -> dict:
             man = build_repository(repo, s_onnx, "student", t_onnx, tuple((s, n) for s, n in points),
                                    max_batch=args.max_batch or max(batches + levels), max_queue_delay_us=args.queue_delay_us,
                                    onnx_providers=args.providers, intra_op_threads=args.threads,
+                                   intra_op_spinning=args.served_spinning,
                                    kind="gpu" if "CUDAExecutionProvider" in args.providers else "cpu",
                                    with_onnx_platform=False)
             res["repository_batching"] = man["batching"]
@@ -660,7 +661,8 @@ def to_markdown(res: dict) -> str:
     if res.get("repository_batching"):
         bt = res["repository_batching"]
         lines += [f"Served models: dynamic batching, queue delay {bt['max_queue_delay_us']} us, max batch "
-                  f"{bt['max_batch']}, {bt['instances']} instance(s). Triton paths: tritonclient (gRPC or HTTP, "
+                  f"{bt['max_batch']}, {bt['instances']} instance(s), onnxruntime intra-op spinning "
+                  f"{'on' if bt.get('intra_op_spinning', True) else 'off'}. Triton paths: tritonclient (gRPC or HTTP, "
                   "one client each). API path: the HTTP API in a process of its own (as `onestep serve` runs it), "
                   "gRPC to the same Triton, called over one kept-alive HTTP/1.1 connection.", ""]
     mfu_head = (f"MFU ({res['peak']['dtype']} peak) | MFU (fp32 peak) |" if peaks else "MFU |")
@@ -787,6 +789,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--trt-precision", choices=("fp32", "fp16", "bf16"), default="fp16",
                     help="cuda: precision of the TensorRT engines")
     ap.add_argument("--threads", type=int, default=0, help="torch / onnxruntime threads (0 = default)")
+    ap.add_argument("--served-spinning", default=True, action=argparse.BooleanOptionalAction,
+                    help="the served models' onnxruntime intra-op threads busy-wait (default) or sleep between "
+                         "operators (`onestep export triton --no-intra-op-spinning`); in-process paths keep the default")
     ap.add_argument("--min-calls", type=int, default=200, help="timed calls per path, at least")
     ap.add_argument("--window-s", type=float, default=10.0, help="timed seconds per path, at least")
     ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds the calls are split into")

@@ -46,7 +46,8 @@ def cmd_triton(args) -> int:
                            tuple(parse_points(args.teacher_steps)), args.engine, args.max_batch,
                            args.max_queue_delay_us, args.instances, args.kind, args.providers, args.intra_op_threads,
                            preferred_batch_sizes=preferred, max_queue_size=args.max_queue_size,
-                           queue_timeout_us=args.queue_timeout_us, response_cache=args.response_cache)
+                           queue_timeout_us=args.queue_timeout_us, response_cache=args.response_cache,
+                           intra_op_spinning=args.intra_op_spinning)
     print(json.dumps({"repository": args.out, "models": list(man["models"])}, indent=2))
     return 0
 
@@ -117,4 +118,7 @@ def register(sub) -> None:
                    help="enable Triton's response cache in the SEED[,LABEL] -> IMAGE models (default on; used by a "
                         "server started with a cache, e.g. `onestep serve --response-cache-mib N`)")
     r.add_argument("--intra-op-threads", type=int, default=0)
+    r.add_argument("--intra-op-spinning", default=True, action=argparse.BooleanOptionalAction,
+                   help="onnxruntime's intra-op threads busy-wait between operators (default on, onnxruntime's "
+                        "default); --no-intra-op-spinning lets them sleep, leaving the cores to Triton and clients")
     r.set_defaults(fn=cmd_triton)

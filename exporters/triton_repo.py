@@ -208,10 +208,11 @@ def build_repository(out_dir: str | Path, student_onnx: str | Path | None = None
                      engine: str | Path | None = None, max_batch: int = 64,
                      max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US, instances: int = 1, kind: str = "cpu",
                      onnx_providers: str | None = None, intra_op_threads: int = 0,
-                     with_onnx_platform: bool = True, *, preferred_batch_sizes=DEFAULT_PREFERRED_BATCH_SIZES,
+                     with_onnx_platform: bool = True, *, intra_op_spinning: bool = True, preferred_batch_sizes=DEFAULT_PREFERRED_BATCH_SIZES,
                      max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE, queue_timeout_us: int = DEFAULT_QUEUE_TIMEOUT_US,
                      with_tensor_model: bool = True, response_cache: bool = True) -> dict:
     """`onnx_providers`: comma list for the python-backend models (default: DEFAULT_PROVIDERS[kind]);
+    `intra_op_spinning`: onnxruntime's intra-op threads busy-wait between operators (on, its default) or sleep;
     `response_cache`: enable Triton's response cache in the SEED[, LABEL] -> IMAGE models' configs."""
     b = Batching(max_batch, max_queue_delay_us, tuple(preferred_batch_sizes), max_queue_size, queue_timeout_us,
                  instances, kind)
@@ -238,7 +239,7 @@ def build_repository(out_dir: str | Path, student_onnx: str | Path | None = None
         names = _class_names(meta, n_cls)
         params = {"mode": "generator", "onnx_file": "model.onnx", "image_shape": ",".join(map(str, shape)),
                   "num_classes": n_cls, "providers": onnx_providers, "intra_op_threads": intra_op_threads,
-                  "source_sha256": meta["source_sha256"], "onnx_sha256": meta["sha256"]}
+                  "intra_op_spinning": int(intra_op_spinning), "source_sha256": meta["source_sha256"], "onnx_sha256": meta["sha256"]}
         cfg = seed_label_config(pb, name, n_cls, shape, params, b, response_cache)
         _write_model(root, name, cfg, {"model.py": model_py, "model.onnx": Path(student_onnx),
                                        "model.onnx.json": artifact_sidecar(student_onnx)})
@@ -283,7 +284,7 @@ def build_repository(out_dir: str | Path, student_onnx: str | Path | None = None
             tname = check_name(f"teacher_{sampler}{steps}")
             params = {"mode": "teacher", "onnx_file": "model.onnx", "image_shape": ",".join(map(str, shape)),
                       "num_classes": n_cls, "providers": onnx_providers, "intra_op_threads": intra_op_threads,
-                      "sampler": sampler, "steps": steps, "schedule": "karras", "sigma_min": meta["sigma_min"],
+                      "intra_op_spinning": int(intra_op_spinning), "sampler": sampler, "steps": steps, "schedule": "karras", "sigma_min": meta["sigma_min"],
                       "sigma_max": meta["sigma_max"], "source_sha256": meta["source_sha256"],
                       "onnx_sha256": meta["sha256"]}
             cfg = seed_label_config(pb, tname, n_cls, shape, params, b, response_cache)
@@ -297,7 +298,7 @@ def build_repository(out_dir: str | Path, student_onnx: str | Path | None = None
     manifest["batching"] = {"max_batch": b.max_batch, "max_queue_delay_us": b.max_queue_delay_us,
                             "preferred_batch_sizes": list(b.preferred), "max_queue_size": b.max_queue_size,
                             "queue_timeout_us": b.queue_timeout_us, "instances": b.instances, "kind": b.kind,
-                            "providers": onnx_providers}
+                            "providers": onnx_providers, "intra_op_spinning": bool(intra_op_spinning)}
     atomic_write_json(root / "repository.json", manifest)
     return manifest
 

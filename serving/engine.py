@@ -75,9 +75,11 @@ class ImageEngine:
 
     def __init__(self, onnx_path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",),
                  sampler: str = "heun", steps: int = 18, intra_op_threads: int = 0, meta: dict | None = None,
-                 device_id: int = 0, io_binding: bool | None = None):
+                 device_id: int = 0, io_binding: bool | None = None, intra_op_spinning: bool = True):
         """`providers`: onnxruntime execution providers, all required (see the module docstring); `device_id`:
-        the GPU of the CUDA provider; `io_binding`: run through I/O binding (default: on CUDA only)."""
+        the GPU of the CUDA provider; `io_binding`: run through I/O binding (default: on CUDA only);
+        `intra_op_spinning`: whether onnxruntime's intra-op threads busy-wait for work between operators and
+        calls (its default; off leaves the cores to the other processes of a served path)."""
         import onnxruntime as ort
 
         onnx_path = Path(onnx_path)
@@ -93,6 +95,9 @@ class ImageEngine:
         opts = ort.SessionOptions()
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
+        if not intra_op_spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.intra_op_spinning = bool(intra_op_spinning)
         requested = session_providers(providers, device_id)
         names = [p if isinstance(p, str) else p[0] for p in requested]
         if CUDA in names:

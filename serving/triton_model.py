@@ -49,7 +49,8 @@ class TritonPythonModel:
         providers = [x.strip() for x in p.get("providers", "CPUExecutionProvider").split(",") if x.strip()]
         device_id = instance_device(args, providers)
         self.engine = ImageEngine(version_dir / p["onnx_file"], providers, p.get("sampler", "heun"),
-                                  int(p.get("steps", "1")), int(p.get("intra_op_threads", "0")), device_id=device_id)
+                                  int(p.get("steps", "1")), int(p.get("intra_op_threads", "0")), device_id=device_id,
+                                  intra_op_spinning=p.get("intra_op_spinning", "1") != "0")
         if pb_utils is not None and hasattr(pb_utils, "Logger"):
             where = f"GPU {device_id}" if self.engine.device == "cuda" else "CPU"
             pb_utils.Logger.log_info(f"{args.get('model_instance_name', cfg.get('name'))}: onnxruntime on {where} "
