@@ -113,7 +113,8 @@ def main(argv=None) -> int:
                + [f'--eval "{s}"' if " " in s else f"--eval {s}" for s in args.eval])
            + f' --metric {args.metric} --title "{args.title}"' + (f' --note "{args.note}"' if args.note else "")
            + f" --out {args.out}"}
-    lines = [f"# {args.title}", "", f"Metric: `{args.metric}` as the trainer logs it. {args.note}".rstrip(), ""]
+    source = "as the trainer logs it" if args.run else "from the evaluation results named below"
+    lines = [f"# {args.title}", "", f"Metric: `{args.metric}` {source}. {args.note}".rstrip(), ""]
     for label, c in curves.items():
         if c["run_dir"] is None:  # evaluated checkpoints
             lines += [f"## {label}", "", "| kimg | value | std | N | sampler | result |", "|---|---|---|---|---|---|"]
