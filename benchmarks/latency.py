@@ -205,16 +205,24 @@ class APIConnection:
         self.conn: http.client.HTTPConnection | None = None
 
     def post(self, path: str, body: bytes) -> tuple[bytes, str | None]:
-        """(response body, Server-Timing header) of a POST that must answer 200."""
-        if self.conn is None:
-            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-        try:
-            self.conn.request("POST", path, body, {"Content-Type": "application/json"})
-            r = self.conn.getresponse()
-            payload = r.read()
-        except Exception:
-            self.close()
-            raise
+        """(response body, Server-Timing header) of a POST that must answer 200. A kept-alive connection the
+        server has closed while idle (uvicorn: after 5 s) is reopened once, as HTTP clients do."""
+        for attempt in (0, 1):
+            reused = self.conn is not None
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                self.conn.request("POST", path, body, {"Content-Type": "application/json"})
+                r = self.conn.getresponse()
+                payload = r.read()
+                break
+            except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+                self.close()
+                if not reused or attempt:
+                    raise
+            except Exception:
+                self.close()
+                raise
         if r.status != 200:
             raise RuntimeError(f"POST {path}: HTTP {r.status}: {payload[:300]!r}")
         return payload, r.getheader("Server-Timing")

@@ -52,3 +52,34 @@ def test_api_process_that_cannot_start_says_so(tmp_path):
         settings = APISettings(triton_url=f"127.0.0.1:{free_port()}", models=MODELS)
         with pytest.raises(RuntimeError, match="API process"):
             APIProcess(settings, port=busy, start_timeout=30).start()
+
+
+def test_connection_closed_by_the_server_while_idle_is_reopened_once():
+    import socket
+    import threading
+
+    # a tiny HTTP/1.1 server that answers one request per connection and then closes it (as uvicorn closes an idle
+    # kept-alive connection): the second post finds the old connection dead and must reconnect
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    accepted = []
+
+    def serve():
+        for _ in range(2):
+            c, _ = srv.accept()
+            accepted.append(c)
+            c.recv(65536)
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nServer-Timing: total;dur=1.000\r\n\r\nok")
+            c.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    conn = APIConnection(f"http://127.0.0.1:{port}", timeout=5)
+    assert conn.post("/v1/generate", b"{}") == (b"ok", "total;dur=1.000")
+    assert conn.post("/v1/generate", b"{}") == (b"ok", "total;dur=1.000")
+    t.join(5)
+    assert len(accepted) == 2  # one reconnect, no more
+    conn.close()
+    srv.close()
