@@ -238,6 +238,9 @@ def _clean_validation(errors) -> list[dict]:
     return out
 
 
+FRAME_HEADERS = (b"x-request-id", b"content-length", b"x-api-key", b"authorization")  # what the frame reads
+
+
 def _url_path(path: str) -> str:
     """The ASGI path as `request.url.path` reports it (the form the key check and the access log use): '?', '#'
     and backslash percent-escaped, a leading '/' ensured, then tab, CR and LF dropped."""
@@ -283,20 +286,11 @@ class RequestFrame:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
-        given_id = length = api_key = auth = None
+        wanted: dict[bytes, str | None] = dict.fromkeys(FRAME_HEADERS)
         for k, v in scope["headers"]:  # the first of each, as request.headers.get gives it
-            if k == b"x-request-id":
-                if given_id is None:
-                    given_id = v.decode("latin-1")
-            elif k == b"content-length":
-                if length is None:
-                    length = v.decode("latin-1")
-            elif k == b"x-api-key":
-                if api_key is None:
-                    api_key = v.decode("latin-1")
-            elif k == b"authorization":
-                if auth is None:
-                    auth = v.decode("latin-1")
+            if k in wanted and wanted[k] is None:
+                wanted[k] = v.decode("latin-1")
+        given_id, length, api_key, auth = wanted.values()
         rid = given_id if given_id is not None and REQUEST_ID.match(given_id) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         rid_header = rid.encode("latin-1")
