@@ -91,6 +91,7 @@ class APIProcess:
         self.proc.stdin.write(json.dumps(self.settings).encode())
         self.proc.stdin.close()
         deadline = time.time() + self.start_timeout
+        last = "no answer yet"
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the API process exited with code {self.proc.returncode} before it was up")
@@ -98,11 +99,13 @@ class APIProcess:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:
                     if r.status == 200:
                         return self
-            except (urllib.error.URLError, OSError):
-                pass
+                    last = f"/healthz answered {r.status}"
+            except (urllib.error.URLError, OSError) as e:  # not listening yet
+                last = f"{type(e).__name__}: {e}"
             if time.time() > deadline:
                 self.stop()
-                raise RuntimeError(f"the API process did not answer on {self.url} within {self.start_timeout} s")
+                raise RuntimeError(f"the API process did not answer on {self.url} within {self.start_timeout} s "
+                                   f"({last})")
             time.sleep(0.1)
 
     def stop(self) -> None:
