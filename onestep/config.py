@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +23,6 @@ class OptimConfig:
 
 def learning_rate(oc: OptimConfig, it: int, total_steps: int) -> float:
     """Learning rate at iteration `it` (0-based) of a run of `total_steps` iterations."""
-    import math
-
     warm = min(1.0, (it + 1) / oc.warmup_steps) if oc.warmup_steps > 0 else 1.0
     if oc.decay == "constant":
         return oc.lr * warm
