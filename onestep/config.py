@@ -51,6 +51,10 @@ class TrainConfig:
     log_every: int = 25
     ckpt_every: int = 250
     keep_checkpoints: int = 2
+    # every N iterations also keep the product (main EMA, fp16) as snapshots/model-<it>.safetensors, for a quality
+    # vs kimg curve measured afterwards; 0 = off
+    snapshot_every: int = 0
+    export_dtype: str = "fp32"  # fp32 | fp16: the weights of every exported product (model*.safetensors, snapshots)
     sample_every: int = 500
     metric_every: int = 0  # 0 = only at the end
     metric_samples: int = 1000

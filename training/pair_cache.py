@@ -74,6 +74,7 @@ def build_pair_cache(teacher, teacher_sha: str, out_dir: str | Path, n_pairs: in
         n_pairs = max(n_pairs, old_n or 0)
     atomic_write_json(mf, {**manifest, "n_pairs": n_pairs})
     sigmas = teacher_sigmas(teacher, schedule, steps)
+    device = _device_of(teacher)
     n_shards = (n_pairs + shard_size - 1) // shard_size
     todo = [k for k in range(n_shards) if not (out / f"pairs-{k:05d}.npz").exists()]
     bar = None
@@ -87,16 +88,16 @@ def build_pair_cache(teacher, teacher_sha: str, out_dir: str | Path, n_pairs: in
         for i in range(0, len(seeds), batch):
             s = seeds[i:i + batch]
             z16 = seeded_noise(s, shape).astype(np.float16)
-            labels = torch.from_numpy(s % n_cls) if n_cls else None
-            z = torch.from_numpy(z16.astype(np.float32))
+            labels = torch.from_numpy(s % n_cls).to(device) if n_cls else None
+            z = torch.from_numpy(z16.astype(np.float32)).to(device)
             with torch.no_grad():
                 if snapshots:
                     x, traj = _sample_with_snapshots(teacher, z, sigmas, labels, sampler, snapshots)
-                    snaps.append(np.stack([t.numpy().astype(np.float16) for t in traj], 1))
+                    snaps.append(np.stack([t.cpu().numpy().astype(np.float16) for t in traj], 1))
                 else:
                     x = SAMPLERS[sampler](teacher, z, sigmas, labels)
             zs.append(z16)
-            xs.append(x.clamp(-1, 1).numpy().astype(np.float16))
+            xs.append(x.clamp(-1, 1).cpu().numpy().astype(np.float16))
             if bar:
                 bar.update(len(s))
         arrays = {"z": np.concatenate(zs), "x0": np.concatenate(xs), "seeds": seeds.astype(np.int64)}
@@ -110,6 +111,12 @@ def build_pair_cache(teacher, teacher_sha: str, out_dir: str | Path, n_pairs: in
     if bar:
         bar.close()
     return {"n_pairs": n_pairs, "shards": n_shards, "made": len(todo)}
+
+
+def _device_of(teacher) -> torch.device:
+    """Where the teacher's weights live: the noise goes there, the pairs come back to host memory."""
+    p = next(iter(teacher.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def _sample_with_snapshots(teacher, z, sigmas, labels, sampler, snapshots):

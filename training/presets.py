@@ -202,6 +202,61 @@ PRESETS["fmnist-sferd-noguide"] = _variant("fmnist-sferd", cache_dir="runs/pairs
 PRESETS["fmnist-adv-kd-small"] = _variant("fmnist-adv-kd", width=16)
 
 
+# --- one GPU: every method from the attention teacher at once, stopped by wall clock -----------------------------
+# scripts/gpu_distil.sh runs these side by side on one GPU (fp32, one CPU thread each) and stops them all with
+# SIGTERM after a fixed time (each saves its state and exports on the way out); `steps` is a ceiling that is not
+# reached, so every learning rate is constant after its warm-up (power-function EMAs stand in for annealing).
+# The iterations each reached and the quality measured are in benchmarks/results/students_attn_gpu.md.
+GPU_TRAIN = TrainConfig(steps=1_000_000, batch_size=128, ema_decay=0.999, extra_ema_sigma_rels=(0.05, 0.10),
+                        clip_grad_norm=1.0, log_every=100, ckpt_every=2000, keep_checkpoints=1, sample_every=5000,
+                        metric_every=1000, metric_samples=500, snapshot_every=0, export_dtype="fp16", seed=0, amp="off",
+                        num_threads=1)
+_SID_OPT = OptimConfig(lr=5e-5, betas=(0.0, 0.999))
+PRESETS.update({
+    # the teacher, trained on: warm-started from the shipped attention teacher, batch 256, constant lr 2e-4
+    "fmnist-teacher-attn-gpu": RunConfig(
+        method="edm-teacher", data="fashion-mnist",
+        method_cfg=EDMTeacherConfig(unet=FMNIST_UNET_ATTN, grid_steps=8, init_from=ATTN_TEACHER,
+                                    optim=OptimConfig(lr=2e-4, warmup_steps=200)),
+        train=replace(GPU_TRAIN, batch_size=256, metric_every=2000, snapshot_every=2000, seed=2)),
+    "fmnist-sid-attn-gpu": RunConfig(
+        method="sid", teacher=ATTN_TEACHER,
+        method_cfg=SiDConfig(alpha=1.2, fake_warmup=200, optim_generator=_SID_OPT, optim_fake=_SID_OPT),
+        train=replace(GPU_TRAIN, snapshot_every=1000)),
+    # SiDA from scratch (not from a SiD student): SiD alone for the first 1000 generator iterations, then the
+    # paper's 0.5 SiD + 0.5 GAN generator loss with the discriminator on the fake-score encoder
+    "fmnist-sida-attn-gpu": RunConfig(
+        method="sida", teacher=ATTN_TEACHER, data="fashion-mnist",
+        method_cfg=SiDConfig(alpha=1.0, fake_warmup=200, adversarial=True, lambda_adv=0.01, adv_mix_after=1000,
+                             optim_generator=_SID_OPT, optim_fake=_SID_OPT),
+        train=replace(GPU_TRAIN, snapshot_every=1000)),
+    "fmnist-emd-attn-gpu": RunConfig(
+        method="emd", teacher=ATTN_TEACHER,
+        method_cfg=EMDConfig(K=4, step_eps=0.2, step_z=0.005, noise_cancellation=True, noise_levels="vp",
+                             fake_warmup=200, optim_generator=_SID_OPT, optim_fake=_SID_OPT),
+        train=GPU_TRAIN),
+    # offline methods: 50k teacher pairs each (built on the GPU at the start of the run), held-out EMA choice
+    "fmnist-denoising-student-attn-gpu": RunConfig(
+        method="denoising-student", teacher=ATTN_TEACHER,
+        method_cfg=DenoisingStudentConfig(cache_dir="runs/pairs-attn-heun9", n_pairs=50_000, holdout=500,
+                                          cache_batch=1000, teacher_sampler="heun", teacher_steps=9,
+                                          teacher_schedule="karras", loss="l1",
+                                          optim=OptimConfig(lr=2e-4, betas=(0.9, 0.98), warmup_steps=1000)),
+        train=replace(GPU_TRAIN, extra_ema_sigma_rels=())),
+    "fmnist-sferd-attn-gpu": RunConfig(
+        method="sferd", teacher=ATTN_TEACHER,
+        method_cfg=SFERDConfig(cache_dir="runs/pairs-attn-euler8-ag1.3", n_pairs=50_000, holdout=500,
+                               cache_batch=1000, guidance=1.3, blur_sigma=3.0,
+                               optim=OptimConfig(lr=2e-4, warmup_steps=1000)),
+        train=replace(GPU_TRAIN, extra_ema_sigma_rels=())),
+    "fmnist-adv-kd-attn-gpu": RunConfig(
+        method="adv-kd", teacher=ATTN_TEACHER,
+        method_cfg=AdvKDConfig(cache_dir="runs/pairs-attn-euler8-snapshots", n_pairs=50_000, holdout=500,
+                               cache_batch=1000, width=32, stage_steps=(1000, 1000, 1500, 4500)),
+        train=replace(GPU_TRAIN, clip_grad_norm=10.0, extra_ema_sigma_rels=())),
+})
+
+
 def get_preset(name: str) -> RunConfig:
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")

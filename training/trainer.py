@@ -107,6 +107,9 @@ class _PhaseStep(torch.nn.Module):
         return self.method.step(batch, it, self.phase)
 
 
+EXPORT_DTYPES = {"fp32": None, "fp16": torch.float16}
+
+
 class Trainer:
     def __init__(self, method: Method, cfg: TrainConfig, run_dir: str | os.PathLike, device: str = "auto",
                  run_config: dict | None = None, metric_fn: Callable[[np.ndarray, np.ndarray | None], dict] | None = None,
@@ -120,6 +123,8 @@ class Trainer:
             torch.cuda.set_device(self.device)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        if cfg.export_dtype not in EXPORT_DTYPES:
+            raise ValueError(f"export_dtype {cfg.export_dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
         if cfg.batch_size % (self.world * cfg.grad_accum):
             raise ValueError(f"batch_size {cfg.batch_size} must divide by world_size*grad_accum "
                              f"= {self.world * cfg.grad_accum}")
@@ -368,8 +373,11 @@ class Trainer:
 
     def export(self, path: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
                net: torch.nn.Module | None = None) -> Path:
-        """Write the product (EMA weights of the export net, or `net`) as a model checkpoint."""
+        """Write the product (EMA weights of the export net, or `net`) as a model checkpoint, in `dtype` or else the
+        configured export_dtype."""
         path = Path(path) if path else self.run_dir / "model.safetensors"
+        if dtype is None:
+            dtype = EXPORT_DTYPES[self.cfg.export_dtype]
         save_model(path, net if net is not None else self.export_net(), self.method.export_spec(), dtype=dtype,
                    extra={"method": self.method.name, "iteration": self.it, "run_config": self.run_config,
                           "train": to_dict(self.cfg), "method_config": self.method.config_dict()})
@@ -463,6 +471,8 @@ class Trainer:
                     window = {}
                 if self.cfg.ckpt_every and self.it % self.cfg.ckpt_every == 0 and not last:
                     self.save_state()
+                if self.rank == 0 and self.cfg.snapshot_every and self.it % self.cfg.snapshot_every == 0:
+                    self.export(self.run_dir / "snapshots" / f"model-{self.it:08d}.safetensors")
                 if self.rank == 0 and self.cfg.sample_every and (self.it % self.cfg.sample_every == 0 or last):
                     self.sample_grid()
                 if self.rank == 0 and self.cfg.metric_every and self.it % self.cfg.metric_every == 0 and not last:
