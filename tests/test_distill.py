@@ -57,6 +57,26 @@ def test_pair_cache_resumes_without_duplicates_or_gaps(tiny_artifacts, tmp_path)
         build_pair_cache(teacher, "other-sha", tmp_path / "a", 40, "heun", 2, shard_size=16, progress=False)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("snapshots", [(), (10.0, 0.5)])
+def test_pair_cache_on_a_cuda_teacher_matches_the_cpu_one(tiny_artifacts, tmp_path, snapshots):
+    """The teacher runs where its weights are; the noise goes there and the pairs come back to host memory."""
+    from onestep.checkpoint import load_model
+    from training.pair_cache import build_pair_cache, load_pair_cache
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    teacher, meta = load_model(tiny_artifacts["teacher_ckpt"])
+    for name in ("cpu", "cuda"):
+        build_pair_cache(teacher.to(name), meta["sha256"], tmp_path / name, 24, "euler", 4, shard_size=16, batch=8,
+                         snapshots=snapshots, progress=False)
+    cpu, _ = load_pair_cache(tmp_path / "cpu")
+    gpu, _ = load_pair_cache(tmp_path / "cuda")
+    assert cpu.keys() == gpu.keys()
+    np.testing.assert_array_equal(cpu["z"], gpu["z"])
+    np.testing.assert_allclose(cpu["x0"].astype(np.float32), gpu["x0"].astype(np.float32), atol=1e-2)
+
+
 @pytest.mark.parametrize("preset", ["tiny-sid", "tiny-sida"])
 def test_sid_losses_finite_fake_score_learns_teacher_frozen(tiny_artifacts, tmp_path, preset):
     if preset == "tiny-sida":

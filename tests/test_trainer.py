@@ -173,3 +173,27 @@ def test_trainer_logs_the_cosine_learning_rate(tmp_path):
     lrs = [r["denoiser/lr"] for r in rows if "denoiser/lr" in r]
     # the rate each iteration used: 1e-3 * (1 + cos(pi * it / 8)) / 2, reaching 0 where the run ends
     assert lrs == pytest.approx([1e-3 * (1 + np.cos(np.pi * it / 8)) / 2 for it in range(8)], rel=1e-9)
+
+
+@needs_fmnist
+def test_snapshots_every_n_iterations_in_the_export_dtype(tmp_path):
+    from safetensors.torch import load_file
+
+    from onestep.checkpoint import load_model
+
+    rc = _rc(4, **{"train.snapshot_every": 2, "train.export_dtype": "fp16"})
+    train(rc, tmp_path, progress=False)
+    snaps = sorted(p.name for p in (tmp_path / "snapshots").glob("*.safetensors"))
+    assert snaps == ["model-00000002.safetensors", "model-00000004.safetensors"]
+    final = load_file(str(tmp_path / "model.safetensors"))
+    assert {v.dtype for v in final.values() if v.is_floating_point()} == {torch.float16}
+    last = load_file(str(tmp_path / "snapshots" / snaps[-1]))
+    assert all(torch.equal(last[k], final[k]) for k in final)  # the last snapshot is the final product
+    _, meta = load_model(tmp_path / "snapshots" / snaps[0])
+    assert meta["iteration"] == 2
+
+
+def test_unknown_export_dtype_is_refused(tmp_path):
+    rc = _rc(1, **{"train.export_dtype": "int8"})
+    with pytest.raises(ValueError, match="export_dtype"):
+        Trainer(build_method(rc), rc.train, tmp_path, progress=False)
