@@ -45,6 +45,7 @@ from onestep.noise import MAX_SEED
 STATIC = Path(__file__).resolve().parent / "static"
 PAGE = STATIC / "index.html"
 PAGE_ASSETS = {"page.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
+METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 # the page loads only its own script and style and talks only to this API; images arrive as data: URLs
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
                                            "img-src 'self' data:; connect-src 'self'; base-uri 'none'; "
@@ -342,7 +343,8 @@ class RequestFrame:
     def record(self, scope, method: str, status: int, t0: float, rid: str) -> None:
         dt = time.perf_counter() - t0
         route = scope.get("route")  # set by the router on the shared scope; none for 404s and guard refusals
-        key = (getattr(route, "path", None) or "other", method, str(status))
+        # the method is client text: only the standard ones become label values (bounded series)
+        key = (getattr(route, "path", None) or "other", method if method in METRIC_METHODS else "other", str(status))
         series = self.series.get(key)
         if series is None:
             series = (self.metrics.requests.labels(*key), self.metrics.latency.labels(*key))
@@ -470,15 +472,19 @@ def create_app(settings: APISettings) -> FastAPI:
     err_doc = {"model": ErrorBody}
     common = {401: {**err_doc, "description": "missing or wrong API key"}}
 
+    # the page and its assets are read once, when the app is made: no file I/O per request
+    page_html = PAGE.read_text()
+    assets = {name: (STATIC / name).read_bytes() for name in PAGE_ASSETS}
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
-        return HTMLResponse(PAGE.read_text(), headers=PAGE_HEADERS)
+        return HTMLResponse(page_html, headers=PAGE_HEADERS)
 
     @app.get("/static/{name}", include_in_schema=False)
     async def page_asset(name: str):
         if name not in PAGE_ASSETS:
             raise APIFailure(404, "not found", "not_found")
-        return Response((STATIC / name).read_bytes(), media_type=PAGE_ASSETS[name], headers=PAGE_HEADERS)
+        return Response(assets[name], media_type=PAGE_ASSETS[name], headers=PAGE_HEADERS)
 
     @app.get("/healthz", summary="liveness: the API answers and Triton has not been unreachable for long",
              responses={503: {**err_doc, "description": "Triton unreachable for too long: restart me"}})

@@ -187,6 +187,18 @@ def test_handler_label_of_a_method_not_allowed_is_its_route():
     assert 'onestep_requests_total{code="405",handler="/v1/models",method="PUT"} 1.0' in metrics_text(app)
 
 
+def test_client_invented_methods_share_one_metric_series():
+    """The method label takes the standard methods only: a client cannot grow the registry one series per
+    made-up method name."""
+    app = _app()
+    for i in range(5):
+        status, _, _ = call(app, f"BREW{i}", "/v1/models")
+        assert status == 405
+    text = metrics_text(app)
+    assert 'onestep_requests_total{code="405",handler="/v1/models",method="other"} 5.0' in text
+    assert "BREW" not in text
+
+
 def test_guard_body_length_and_api_key():
     app = _app(api_key=KEY, max_body_bytes=100)
     k = [("X-API-Key", KEY)]
