@@ -28,6 +28,7 @@ def _budget(run_dir: Path | None) -> dict:
     secs = sum(r["sec_per_it"] * (r["it"] - p["it"]) for p, r in zip([{"it": 0}] + train_rows[:-1], train_rows))
     return {"iterations": last.get("it"), "batch": cfg["train"]["batch_size"], "kimg": last.get("kimg"),
             "train_seconds": secs, "machine": cfg.get("machine", {}).get("cpu_model"),
+            "device": (cfg.get("device") or {}).get("name") or "CPU",
             "threads": cfg["train"].get("num_threads")}
 
 
@@ -226,7 +227,7 @@ def main(argv=None) -> int:
     for r in rows:
         bud = r.get("budget") or {}
         btxt = (f"{bud.get('iterations')} it x {bud.get('batch')} ({bud.get('kimg')} kimg), "
-                f"{(bud.get('train_seconds') or 0)/60:.0f} min CPU") if bud else ""
+                f"{(bud.get('train_seconds') or 0)/60:.0f} min {bud.get('device', 'CPU')}") if bud else ""
         kid = (f"{r['inception_kid']*1e3:.2f} ± {r['inception_kid_std']*1e3:.2f}"
                if r.get("inception_kid") is not None else "-")
         params = f"{r['params']/1e6:.2f}M" if r.get("params") else "-"

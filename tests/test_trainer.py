@@ -197,3 +197,10 @@ def test_unknown_export_dtype_is_refused(tmp_path):
     rc = _rc(1, **{"train.export_dtype": "int8"})
     with pytest.raises(ValueError, match="export_dtype"):
         Trainer(build_method(rc), rc.train, tmp_path, progress=False)
+
+
+@needs_fmnist
+def test_config_records_the_device_the_run_trains_on(tmp_path):
+    train(_rc(1), tmp_path, progress=False, device="cpu")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["device"]["type"] == "cpu" and cfg["device"]["world_size"] == 1 and cfg["device"]["threads"] >= 1

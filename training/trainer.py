@@ -158,6 +158,15 @@ class Trainer:
             for p in self.method.state_dict().values():
                 dist.broadcast(p.data if hasattr(p, "data") else p, 0)
 
+    def device_info(self) -> dict:
+        """What the iterations ran on (budgets are quoted per device), and how many processes shared it."""
+        info = {"type": self.device.type, "world_size": self.world}
+        if self.device.type == "cuda":
+            info["name"] = torch.cuda.get_device_name(self.device)
+        else:
+            info["threads"] = torch.get_num_threads()
+        return info
+
     # --- optimisation ------------------------------------------------------------------------------------
     def _make_optim(self, name: str) -> torch.optim.Optimizer:
         oc = self.method.optim_config(name)
@@ -434,7 +443,8 @@ class Trainer:
                 print(f"resumed from {latest} at iteration {self.it}", flush=True)
         elif self.rank == 0:
             atomic_write_json(self.run_dir / "config.json", {"run_config": self.run_config, "train": to_dict(self.cfg),
-                                                             "method": self.method.name, **stamp()})
+                                                             "method": self.method.name, "device": self.device_info(),
+                                                             **stamp()})
         old_handler = signal.getsignal(signal.SIGTERM)
 
         def on_term(signum, frame):  # finish the current iteration, save, exit
