@@ -21,7 +21,7 @@ and I/O binding (serving/engine.py), TensorRT engines where TensorRT is installe
 `--kind gpu` repository; batches 1, 8, 64 and 256 by default; results in benchmarks/results/latency_gpu.*.
 
     python -m benchmarks.latency --student artifacts/fmnist-student.safetensors \
-        --teacher artifacts/fmnist-teacher.safetensors --out benchmarks/results/latency_cpu
+        --teacher artifacts/fmnist-teacher-attn.safetensors --out benchmarks/results/latency_cpu
     python -m benchmarks.latency --device cuda      # -> benchmarks/results/latency_gpu.{json,md,png}
 """
 
@@ -779,7 +779,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     from exporters.triton_repo import DEFAULT_MAX_QUEUE_DELAY_US
 
     ap.add_argument("--student", default="artifacts/fmnist-student.safetensors")
-    ap.add_argument("--teacher", default="artifacts/fmnist-teacher.safetensors",
+    ap.add_argument("--teacher", default="artifacts/fmnist-teacher-attn.safetensors",
                     help="the student's teacher: our checkpoint or a diffusers model folder")
     ap.add_argument("--teacher-points", default="euler:2,euler:8,heun:18",
                     help="teacher sampler:steps points (NFE = steps for euler, 2*steps-1 for heun)")

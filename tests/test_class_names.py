@@ -43,7 +43,7 @@ def test_a_student_follows_its_teachers_names(tmp_path, tiny_denoiser):
 
 
 def test_shipped_models_name_fashion_mnist_classes():
-    for name in ("fmnist-teacher", "fmnist-student"):
+    for name in ("fmnist-teacher", "fmnist-teacher-attn", "fmnist-student"):
         meta = read_metadata(f"artifacts/{name}.safetensors", verify=False)
         assert class_names(meta, 10) == list(FASHION_MNIST_CLASSES), name
 

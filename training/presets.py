@@ -85,7 +85,7 @@ PRESETS: dict[str, RunConfig] = {
         method_cfg=EDMTeacherConfig(unet=TINY_UNET, grid_steps=4, optim=OptimConfig(lr=2e-3, warmup_steps=5)),
         train=TrainConfig(steps=20, batch_size=8, ema_decay=0.9, log_every=5, ckpt_every=10, sample_every=20,
                           seed=0)),
-    # --- distillation from the shipped teacher (results: benchmarks/results/students.md) ---------------------
+    # --- distillation from the shipped teacher (results: benchmarks/results/students_fmnist_teacher.md) ---------------------
     "fmnist-denoising-student": RunConfig(
         method="denoising-student", teacher=SHIPPED_TEACHER,
         method_cfg=DenoisingStudentConfig(cache_dir="runs/pairs-fmnist-heun9", n_pairs=3000, holdout=250,
@@ -197,7 +197,7 @@ def _variant(base: str, **method_changes) -> RunConfig:
     return replace(rc, method_cfg=replace(rc.method_cfg, **method_changes))
 
 
-# Ablations (results beside their base preset's in benchmarks/results/students.md)
+# Ablations (results beside their base preset's in benchmarks/results/students_fmnist_teacher.md)
 PRESETS["fmnist-sferd-noguide"] = _variant("fmnist-sferd", cache_dir="runs/pairs-fmnist-euler8", guidance=1.0)
 PRESETS["fmnist-adv-kd-small"] = _variant("fmnist-adv-kd", width=16)
 
@@ -206,7 +206,10 @@ PRESETS["fmnist-adv-kd-small"] = _variant("fmnist-adv-kd", width=16)
 # scripts/gpu_distil.sh runs these side by side on one GPU (fp32, one CPU thread each) and stops them all with
 # SIGTERM after a fixed time (each saves its state and exports on the way out); `steps` is a ceiling that is not
 # reached, so every learning rate is constant after its warm-up (power-function EMAs stand in for annealing).
-# The iterations each reached and the quality measured are in benchmarks/results/students_attn_gpu.md.
+# Reached with 620 s each, all seven sharing one H200 (benchmarks/results/students_attn_gpu.md, Inception KID x1e3 at
+# N=2000; the teacher's is 15.57): teacher trained on 12.63 (Heun 9, 1204 kimg in all), SFERD 16.70, SiD 18.09
+# (156 kimg; the shipped student), SiDA 19.00, Denoising Student 28.22, EMD 37.60 (95 kimg), Adv-KD noise (its final
+# stage had 457 iterations). To reproduce a budget exactly: --set train.steps=<the iterations reached there>.
 GPU_TRAIN = TrainConfig(steps=1_000_000, batch_size=128, ema_decay=0.999, extra_ema_sigma_rels=(0.05, 0.10),
                         clip_grad_norm=1.0, log_every=100, ckpt_every=2000, keep_checkpoints=1, sample_every=5000,
                         metric_every=1000, metric_samples=500, snapshot_every=0, export_dtype="fp16", seed=0, amp="off",

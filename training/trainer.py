@@ -471,7 +471,7 @@ class Trainer:
                     short = {k.split("/")[0][:3] + "/" + k.split("/")[1][:8]: f"{np.mean(v):.4g}"
                              for k, v in window.items() if k.endswith("loss")}
                     bar.set_postfix(short, refresh=False)
-                last = self.it >= self.cfg.steps
+                last = self.it >= self.cfg.steps or self._stop  # a SIGTERM'd run logs its final row too
                 if self.rank == 0 and (self.it % self.cfg.log_every == 0 or last):
                     elapsed = time.time() - t0
                     row = {"it": self.it, "kimg": self.it * self.cfg.batch_size / 1000,
