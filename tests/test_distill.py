@@ -180,3 +180,37 @@ def test_export_state_writes_the_product_of_a_saved_state(tiny_artifacts, tmp_pa
     assert all(torch.equal(final[k], again[k]) for k in final)
     assert any(not torch.equal(final[k], early[k]) for k in final)
     assert json.loads((tmp_path / "s2.json").read_text())["iteration"] == 2
+
+
+def test_sid_continues_from_a_generator_checkpoint(tiny_artifacts, tmp_path):
+    """init_from: the generator starts from the given student, the fake score from the teacher again."""
+    from onestep.checkpoint import CheckpointError, load_model, save_model
+
+    src = build_method(_rc("tiny-sid", tiny_artifacts, tmp_path))
+    gen = src.trainable["generator"]
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_model(tmp_path / "student.safetensors", gen, gen.spec, extra={"iteration": 7})
+    m = build_method(_rc("tiny-sid", tiny_artifacts, tmp_path,
+                         f"method_cfg.init_from={json.dumps(str(tmp_path / 'student.safetensors'))}"))
+    for a, b in zip(m.trainable["generator"].state_dict().values(), gen.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    teacher, _ = load_model(tiny_artifacts["teacher_ckpt"])
+    for a, b in zip(m.trainable["fake"].state_dict().values(), teacher.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert m.init_report["source_iteration"] == 7
+    # the run records where its generator came from
+    train(_rc("tiny-sid", tiny_artifacts, tmp_path, "train.steps=2", "train.ckpt_every=0",
+              f"method_cfg.init_from={json.dumps(str(tmp_path / 'student.safetensors'))}"), tmp_path / "run",
+          progress=False)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["init"]["source_sha256"] == json.loads((tmp_path / "student.json").read_text())["sha256"]
+    # a teacher is not a generator, and a generator of another sigma_g is another network
+    with pytest.raises(CheckpointError, match="one-step generator checkpoint is needed"):
+        build_method(_rc("tiny-sid", tiny_artifacts, tmp_path,
+                         f"method_cfg.init_from={json.dumps(str(tiny_artifacts['teacher_ckpt']))}"))
+    save_model(tmp_path / "other.safetensors", gen, {**gen.spec, "sigma_g": 1.0})
+    with pytest.raises(CheckpointError, match="differs from the generator"):
+        build_method(_rc("tiny-sid", tiny_artifacts, tmp_path,
+                         f"method_cfg.init_from={json.dumps(str(tmp_path / 'other.safetensors'))}"))

@@ -204,3 +204,24 @@ def test_config_records_the_device_the_run_trains_on(tmp_path):
     train(_rc(1), tmp_path, progress=False, device="cpu")
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["device"]["type"] == "cpu" and cfg["device"]["world_size"] == 1 and cfg["device"]["threads"] >= 1
+
+
+def test_log_csv_widens_its_header_when_a_column_appears(tmp_path):
+    """A fake-score warm-up logs fake/* columns only; when the generator phase starts, the CSV is written again
+    under the union of the columns, so every row lines up with its header."""
+    import csv
+    from types import SimpleNamespace
+
+    from training.trainer import Trainer
+
+    fake = SimpleNamespace(run_dir=tmp_path)
+    Trainer._log(fake, {"it": 1, "fake/loss": 0.5})
+    Trainer._log(fake, {"it": 2, "fake/loss": 0.4})
+    Trainer._log(fake, {"it": 3, "fake/loss": 0.3, "gen/loss": -1.0})
+    Trainer._log(fake, {"it": 4, "fake/loss": 0.2, "gen/loss": -2.0})
+    with open(tmp_path / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["it", "fake/loss", "gen/loss"]
+    assert [r["gen/loss"] for r in rows] == ["", "", "-1.0", "-2.0"]
+    assert [r["it"] for r in rows] == ["1", "2", "3", "4"]
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 4

@@ -421,18 +421,24 @@ class Trainer:
         jsonl = self.run_dir / "log.jsonl"
         with open(jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
-        keys = list(row.keys())
-        new = not path.exists()
-        if not new:
-            with open(path) as f:
-                header = f.readline().strip().split(",")
-            if header != keys:  # columns changed (e.g. a new phase appeared): keep the CSV rectangular
-                keys = header + [k for k in keys if k not in header]
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        header = []
+        if path.exists():
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), [])
+        if header and all(k in header for k in row):
+            with open(path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=header).writerow(row)
+            return
+        # first row, or a new column (e.g. the generator phase starts after a fake-score warm-up): write the CSV
+        # again from log.jsonl (every row so far, this one included) under the union of the columns
+        rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
 
     # --- the loop ----------------------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> dict:
@@ -444,6 +450,7 @@ class Trainer:
         elif self.rank == 0:
             atomic_write_json(self.run_dir / "config.json", {"run_config": self.run_config, "train": to_dict(self.cfg),
                                                              "method": self.method.name, "device": self.device_info(),
+                                                             "init": getattr(self.method, "init_report", None),
                                                              **stamp()})
         old_handler = signal.getsignal(signal.SIGTERM)
 

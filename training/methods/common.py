@@ -54,6 +54,28 @@ class GeneratorMethod(Method):
     def export_spec(self) -> dict:
         return self.trainable["generator"].spec
 
+    def warm_start_generator(self, path: str) -> dict:
+        """Continue from the one-step generator checkpoint `path` (a student of this method or another one):
+        its weights replace the teacher copy in G. It must be the same network (denoiser spec and sigma_g) as
+        the generator built here. The other nets keep their own initialisation (for SiD, the fake score is
+        the teacher again and must first catch up with this generator: fake_warmup)."""
+        from onestep.checkpoint import CheckpointError, load_model
+
+        src, meta = load_model(path)
+        spec = meta.get("model", {})
+        if spec.get("kind") != "one-step-generator":
+            raise CheckpointError(f"init_from {path}: a one-step generator checkpoint is needed, found "
+                                  f"{spec.get('kind')!r}")
+        gen = self.trainable["generator"]
+        if spec.get("denoiser") != gen.spec["denoiser"] or float(spec.get("sigma_g", -1)) != gen.spec["sigma_g"]:
+            raise CheckpointError(f"init_from {path}: its network (denoiser spec, sigma_g "
+                                  f"{spec.get('sigma_g')}) differs from the generator built from this teacher "
+                                  f"(sigma_g {gen.spec['sigma_g']})")
+        with torch.no_grad():
+            gen.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
+        return {"source": str(path), "source_sha256": meta.get("sha256"), "source_iteration": meta.get("iteration"),
+                "source_teacher": (meta.get("run_config") or {}).get("teacher")}
+
     def noise(self, n: int, device) -> torch.Tensor:
         return torch.randn(n, *self.image_shape, device=device)
 

@@ -45,6 +45,9 @@ class SiDConfig:
     lambda_d: float = 1.0  # weight of the discriminator loss against the pixel-summed DSM loss (SiDA)
     adv_mix_after: int = 0  # generator iterations on SiD alone before 0.5 * SiD + 0.5 * GAN (SiDA)
     optim_generator: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, betas=(0.0, 0.999)))
+    # continue from this one-step generator checkpoint instead of the teacher copy (the fake score still starts
+    # as the teacher: give it fake_warmup iterations to catch up with the loaded generator first)
+    init_from: str | None = None
     optim_fake: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, betas=(0.0, 0.999)))
 
 
@@ -72,6 +75,8 @@ class SiD(GeneratorMethod):
     def __init__(self, cfg: SiDConfig, teacher, data=None):
         super().__init__(cfg, teacher, cfg.sigma_init)
         self.name = "sida" if cfg.adversarial else "sid"
+        if cfg.init_from:
+            self.init_report = self.warm_start_generator(cfg.init_from)
         fake = self.trainable_copy(teacher)
         self.trainable["fake"] = fake
         self.data = data if cfg.adversarial else None
