@@ -52,6 +52,8 @@ RUN case "${VARIANT}" in \
         "tritonclient[grpc,http]==2.73.0" \
         "fastapi==0.165.0" \
         "uvicorn==0.54.0" \
+        "httptools==0.9.0" \
+        "uvloop==0.23.0" \
         "prometheus-client==0.26.0"
 
 WORKDIR /opt/onestep

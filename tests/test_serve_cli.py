@@ -114,3 +114,20 @@ def test_api_key_is_not_a_command_line_flag(tiny_artifacts, tmp_path):
     p = _serve(tiny_artifacts, free_port(), tmp_path, "--api-key", "visible-in-ps")
     p.communicate(timeout=60)
     assert p.returncode == 2
+
+
+def test_uvicorn_runs_the_c_parser_and_loop():
+    """The serve extra installs httptools and uvloop, which uvicorn's "auto" settings (used by `onestep serve` and
+    the API process) pick over h11 and asyncio's loop."""
+    import uvicorn
+
+    async def app(scope, receive, send):  # pragma: no cover - never called
+        pass
+
+    cfg = uvicorn.Config(app)
+    cfg.load()
+    assert cfg.http_protocol_class.__name__ == "HttpToolsProtocol"
+    assert cfg.loop == "auto"
+    import importlib.util
+
+    assert importlib.util.find_spec("uvloop") is not None
