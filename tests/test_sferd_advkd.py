@@ -380,3 +380,39 @@ def test_offline_methods_distil_an_unconditional_3ch_16px_teacher(foreign_ckpt, 
     assert side["graph"] == "generator" and side["parity"]["max_abs_err"] <= 1e-4
     assert [i["name"] for i in side["inputs"]] == ["z"] and side["image_shape"] == [3, 16, 16]
     assert side["num_classes"] == 0
+
+
+def test_adv_kd_generator_ema_restarts_with_every_stage(tiny_artifacts, tmp_path):
+    """Stage k trains head k from its random initialisation: the generator's EMA starts afresh with the stage
+    (at age 0 a power EMA IS the live net), so the exported student holds none of the untrained head and the
+    same earlier blocks the head was trained on. Before, one average ran over the whole run: with decay 0.999
+    the GPU preset's student was 63% random head 457 iterations into its last stage."""
+    from training.trainer import Trainer
+
+    rc = _rc("tiny-adv-kd", tiny_artifacts["teacher_ckpt"], tmp_path, "method_cfg.stage_steps=[2,2,2,4]",
+             "train.steps=10", "train.ema_decay=0.9999", "train.extra_ema_sigma_rels=[0.05]")
+    method = build_method(rc)
+    method.prepare(0)
+    assert [method.ema_age(i) for i in range(10)] == [0, 1, 0, 1, 0, 1, 0, 1, 2, 3]
+    trainer = Trainer(method, rc.train, tmp_path / "run", run_config=rc.to_dict(), progress=False)
+    live = method.trainable["generator"]
+    power = trainer.extra_emas["generator@std0.05"].net
+    for it in range(7):
+        trainer.train_step()
+        if it in (0, 2, 4, 6):  # the first iteration of each stage
+            for a, b in zip(power.parameters(), live.parameters()):
+                torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # the classic EMA (decay 0.9999) restarts too: its warm-up min(d, (1+age)/(10+age)) keeps 1/10 of the old
+    # average at the stage's first iteration (without the restart: 7/16 at iteration 6)
+    rc2 = override(rc, ["method_cfg.stage_steps=[2,2,2,20]", "train.steps=16"])
+    method = build_method(rc2)
+    method.prepare(0)
+    trainer = Trainer(method, rc2.train, tmp_path / "run2", run_config=rc2.to_dict(), progress=False)
+    for _ in range(6):
+        trainer.train_step()
+    before = _params(trainer.emas["generator"].net)
+    trainer.train_step()  # iteration 6, the last stage's first
+    after, live = _params(trainer.emas["generator"].net), _params(method.trainable["generator"])
+    for k in after:
+        if after[k].is_floating_point():
+            torch.testing.assert_close(after[k], 0.1 * before[k] + 0.9 * live[k])

@@ -256,10 +256,11 @@ class Trainer:
             logs.update(agg)
             logs[f"{phase}/grad_norm"] = float(grad_norm)
             logs[f"{phase}/lr"] = self._lr(phase)
+        age = self.method.ema_age(self.it)  # age 0 restarts the averages (power form: all live; classic: 9/10 live)
         for name, ema in self.emas.items():
-            ema.update(self.method.trainable[name], self.it)
+            ema.update(self.method.trainable[name], age)
         for key, ema in self.extra_emas.items():
-            ema.update(self.method.trainable[key.split("@")[0]], self.it)
+            ema.update(self.method.trainable[key.split("@")[0]], age)
         for net in self.method.trainable.values():
             net.requires_grad_(True)
         self.it += 1

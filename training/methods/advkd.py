@@ -77,12 +77,22 @@ class AdvKD(DenoisingStudent):
         return [f"disc{self.stage(it)}", "generator"]
 
     def stage(self, it: int) -> int:
+        return self._stage_and_start(it)[0]
+
+    def _stage_and_start(self, it: int) -> tuple[int, int]:
         edge = 0
         for k, n in enumerate(self.cfg.stage_steps):
+            if it < edge + n:
+                return k, edge
             edge += n
-            if it < edge:
-                return k
-        return len(self.cfg.stage_steps) - 1
+        return len(self.cfg.stage_steps) - 1, edge - self.cfg.stage_steps[-1]
+
+    def ema_age(self, it: int) -> int:
+        """The generator's EMA restarts with every stage: stage k trains block k and head k from their random
+        initialisation on top of the LIVE earlier blocks, so an average carried over from earlier stages would
+        mix in the untrained head (with decay 0.999, 63% of it is still there 457 iterations into the last
+        stage) and EMA versions of the blocks the head was not trained on."""
+        return it - self._stage_and_start(it)[1]
 
     def target(self, batch, k: int) -> torch.Tensor:
         """Stage k's real sample: snapshot k pooled to head k's resolution, or the teacher's sample."""

@@ -35,6 +35,13 @@ class Method(nn.Module, abc.ABC):
         """Which optimizers step at iteration `it`, in order. Default: all, every iteration."""
         return list(self.trainable.keys())
 
+    def ema_age(self, it: int) -> int:
+        """Iterations since the averages of the EMA nets last started afresh: the age their EMAs warm up with.
+        Default `it` (one average over the whole run). A method whose product changes what it is mid-run (Adv-KD's
+        stages: a head that was left at its random initialisation starts to train) restarts it there, so that the
+        average holds no weights from before the change."""
+        return it
+
     @abc.abstractmethod
     def step(self, batch: dict[str, Any], it: int, phase: str) -> dict[str, torch.Tensor]:
         """Named scalar losses for `phase`; the trainer back-propagates losses['loss']."""
