@@ -29,6 +29,7 @@ def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
         return np.array([sigma_max, 0.0])
     i = np.arange(n, dtype=np.float64)
     s = (sigma_max ** (1 / rho) + i / (n - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    s[0], s[-1] = sigma_max, sigma_min  # the ends exactly (the rho-th power of the rho-th root can be off by an ulp)
     return np.append(s, 0.0)
 
 
