@@ -26,10 +26,22 @@ def _budget(run_dir: Path | None) -> dict:
     cfg = json.loads((run_dir / "config.json").read_text())
     last = train_rows[-1] if train_rows else {}
     secs = sum(r["sec_per_it"] * (r["it"] - p["it"]) for p, r in zip([{"it": 0}] + train_rows[:-1], train_rows))
-    return {"iterations": last.get("it"), "batch": cfg["train"]["batch_size"], "kimg": last.get("kimg"),
-            "train_seconds": secs, "machine": cfg.get("machine", {}).get("cpu_model"),
-            "device": (cfg.get("device") or {}).get("name") or "CPU",
-            "threads": cfg["train"].get("num_threads")}
+    out = {"iterations": last.get("it"), "batch": cfg["train"]["batch_size"], "kimg": last.get("kimg"),
+           "train_seconds": secs, "machine": cfg.get("machine", {}).get("cpu_model"),
+           "device": (cfg.get("device") or {}).get("name") or "CPU",
+           "threads": cfg["train"].get("num_threads")}
+    if (cfg.get("init") or {}).get("source"):  # a run continued from another student's weights
+        out["init_from"] = cfg["init"]["source"]
+    return out
+
+
+def _budget_text(bud: dict) -> str:
+    """'1200 it x 128 (153.6 kimg), 8 min NVIDIA H200', preceded by the budget it continued from."""
+    if not bud:
+        return ""
+    txt = (f"{bud.get('iterations')} it x {bud.get('batch')} ({bud.get('kimg')} kimg), "
+           f"{(bud.get('train_seconds') or 0)/60:.0f} min {bud.get('device', 'CPU')}")
+    return f"{_budget_text(bud['before'])}, then {txt}" if bud.get("before") else txt
 
 
 def measure_latency(students: dict[str, str], teacher: str, workdir: Path, method=None) -> dict:
@@ -155,8 +167,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="short latency windows, same method (figures indicative only)")
     ap.add_argument("--workdir", default=None, help="where the ONNX files for --measure-latency go")
+    ap.add_argument("--budgets", default=None,
+                    help="an earlier compare JSON: a student given without a run folder takes the budget recorded "
+                         "there under its name, and a run folder continued from another student's weights "
+                         "(config init) is shown after that recorded budget")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    earlier = ({r["name"]: r.get("budget") or {} for r in json.loads(Path(args.budgets).read_text())["rows"]}
+               if args.budgets else {})
     t = json.loads(Path(args.teacher).read_text())
     inc_rows = [r for r in t["rows"] if "inception_kid" in r]
     t1 = next((r for r in t["rows"] if r["nfe"] == 1 and "inception_kid" in r), None)
@@ -174,8 +192,10 @@ def main(argv=None) -> int:
         qpath, _, run_dir = rest.partition(":")
         q = json.loads(Path(qpath).read_text())
         r = q["rows"][0]
-        rows.append({"name": name, "nfe": 1, **{k: r.get(k) for k in metric_keys},
-                     "budget": _budget(Path(run_dir) if run_dir else None), "model": q["model"],
+        bud = _budget(Path(run_dir)) if run_dir else dict(earlier.get(name) or {})
+        if bud.get("init_from") and earlier.get(name):
+            bud["before"] = earlier[name]
+        rows.append({"name": name, "nfe": 1, **{k: r.get(k) for k in metric_keys}, "budget": bud, "model": q["model"],
                      "command": q.get("run", {}).get("command"),
                      "grid": f"{Path(qpath).stem}-grids/grid-onestep-1.png"})
         students[name] = q["model"]
@@ -225,9 +245,7 @@ def main(argv=None) -> int:
             "| budget | samples |")
     lines += [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
-        bud = r.get("budget") or {}
-        btxt = (f"{bud.get('iterations')} it x {bud.get('batch')} ({bud.get('kimg')} kimg), "
-                f"{(bud.get('train_seconds') or 0)/60:.0f} min {bud.get('device', 'CPU')}") if bud else ""
+        btxt = _budget_text(r.get("budget") or {})
         kid = (f"{r['inception_kid']*1e3:.2f} ± {r['inception_kid_std']*1e3:.2f}"
                if r.get("inception_kid") is not None else "-")
         params = f"{r['params']/1e6:.2f}M" if r.get("params") else "-"

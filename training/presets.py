@@ -116,12 +116,12 @@ PRESETS: dict[str, RunConfig] = {
         train=TrainConfig(steps=9400, batch_size=32, ema_decay=0.999, extra_ema_sigma_rels=(0.05, 0.10),
                           clip_grad_norm=1.0, log_every=25, ckpt_every=250, sample_every=1000, metric_every=1000,
                           metric_samples=500, seed=0, num_threads=2)),
-    # SiD continued on 2 CPU cores from the shipped SiD student (artifacts/fmnist-student.safetensors, 155.8 kimg on
+    # SiD continued on 2 CPU cores from the shipped SiD student (artifacts/fmnist-student-sid-gpu.safetensors, 155.8 kimg on
     # one GPU; its fake score and optimizer state were not kept): the generator starts from that student, the fake
     # score from the teacher again, trained alone for 150 iterations (~1.4 s each) to catch up with the generator
     "fmnist-sid-attn-continue": RunConfig(
         method="sid", teacher=ATTN_TEACHER,
-        method_cfg=SiDConfig(alpha=1.2, fake_warmup=150, init_from="artifacts/fmnist-student.safetensors",
+        method_cfg=SiDConfig(alpha=1.2, fake_warmup=150, init_from="artifacts/fmnist-student-sid-gpu.safetensors",
                              optim_generator=OptimConfig(lr=5e-5, betas=(0.0, 0.999)),
                              optim_fake=OptimConfig(lr=5e-5, betas=(0.0, 0.999))),
         train=TrainConfig(steps=2000, batch_size=32, ema_decay=0.999, extra_ema_sigma_rels=(0.05, 0.10),

@@ -1,0 +1,48 @@
+"""The students table: budgets read from run folders, carried over from an earlier table, and chained when a run
+continued from another student's weights."""
+
+import json
+
+from benchmarks import compare
+
+
+def _quality(path, model, kid, nfe=1, sampler="onestep", steps=1):
+    row = {"nfe": nfe, "sampler": sampler, "steps": steps, "inception_kid": kid, "inception_kid_std": 1e-4,
+           "inception_fid": 30.0, "classifier_kid": 5.0, "class_agreement": 0.8}
+    path.write_text(json.dumps({"model": model, "rows": [row], "n": 100, "n_inception": 100,
+                                "baselines": {"inception": {"fid": 1.0, "kid": 0.0}, "classifier": {"kid": 0.0}}}))
+    return path
+
+
+def _run_dir(d, its, batch, sec_per_it, init=None):
+    d.mkdir()
+    rows = [{"it": i, "kimg": round(i * batch / 1000, 1), "sec_per_it": sec_per_it} for i in range(0, its + 1, its // 2)][1:]
+    (d / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (d / "config.json").write_text(json.dumps({"train": {"batch_size": batch, "num_threads": 2},
+                                               "machine": {"cpu_model": "AMD EPYC"}, "device": {"type": "cpu"},
+                                               "init": init}))
+    return d
+
+
+def test_budgets_come_from_run_folders_earlier_tables_and_chain_on_continuation(tmp_path):
+    teacher = _quality(tmp_path / "t.json", "teacher.safetensors", 0.015, nfe=17, sampler="heun", steps=9)
+    earlier = tmp_path / "earlier.json"
+    gpu = {"iterations": 1200, "batch": 128, "kimg": 153.6, "train_seconds": 480.0, "device": "NVIDIA H200"}
+    earlier.write_text(json.dumps({"rows": [{"name": "sid", "budget": gpu},
+                                            {"name": "emd", "budget": {**gpu, "kimg": 89.6, "iterations": 700}}]}))
+    sid_run = _run_dir(tmp_path / "sid", 2000, 32, 2.4, init={"source": "artifacts/old-sid.safetensors"})
+    plain_run = _run_dir(tmp_path / "ds", 100, 64, 0.6)
+    out = tmp_path / "students"
+    assert compare.main(["--teacher", str(teacher),
+                         "--student", f"sid={_quality(tmp_path / 's.json', 'sid.safetensors', 0.014)}:{sid_run}",
+                         "--student", f"emd={_quality(tmp_path / 'e.json', 'emd.safetensors', 0.03)}",
+                         "--student", f"ds={_quality(tmp_path / 'd.json', 'ds.safetensors', 0.02)}:{plain_run}",
+                         "--budgets", str(earlier), "--out", str(out)]) == 0
+    md = (tmp_path / "students.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    assert "1200 it x 128 (153.6 kimg), 8 min NVIDIA H200, then 2000 it x 32 (64.0 kimg), 80 min CPU" in rows["sid"]
+    assert "700 it x 128 (89.6 kimg), 8 min NVIDIA H200" in rows["emd"]
+    assert "100 it x 64 (6.4 kimg), 1 min CPU" in rows["ds"] and "then" not in rows["ds"]
+    res = json.loads((tmp_path / "students.json").read_text())
+    sid = next(r for r in res["rows"] if r["name"] == "sid")
+    assert sid["budget"]["init_from"] == "artifacts/old-sid.safetensors" and sid["budget"]["before"] == gpu
