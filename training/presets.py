@@ -104,10 +104,11 @@ PRESETS: dict[str, RunConfig] = {
         train=TrainConfig(steps=400, batch_size=32, ema_decay=0.99, clip_grad_norm=1.0, log_every=10,
                           ckpt_every=100, sample_every=100, seed=0, num_threads=1)),
     # SiD at the budget the papers' students get relative to their teachers: >= 300 kimg (9400 x 32) from the
-    # attention teacher, both cores, power-function EMAs for a held-out choice. Measured on 2 AMD EPYC cores:
-    # 1.4 s per fake-score warm-up iteration and ~4.8 s per full iteration (generator + fake score: about four
-    # fwd+bwd passes of the 1.1M-parameter net at batch 32, 0.7-0.9 s each), so 9400 iterations are ~12.5 CPU-hours:
-    # several resumed sessions (rerun the same command with the same --run-dir), or minutes on one GPU
+    # attention teacher, both cores, power-function EMAs for a held-out choice. Measured on 2 AMD EPYC cores with
+    # torch 2.13 (runs/sid-continue): ~0.85 s per fake-score warm-up iteration and ~2.5 s per full iteration
+    # (generator + fake score: about four fwd+bwd passes of the 1.1M-parameter net at batch 32), so 9400
+    # iterations are ~6.5 CPU-hours: several resumed sessions (rerun the same command with the same --run-dir), or
+    # minutes on one GPU
     "fmnist-sid-attn": RunConfig(
         method="sid", teacher=ATTN_TEACHER,
         method_cfg=SiDConfig(alpha=1.2, fake_warmup=200,
