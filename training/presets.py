@@ -276,8 +276,8 @@ PRESETS.update({
 PRESETS["fmnist-adv-kd-attn"] = RunConfig(
     method="adv-kd", teacher=ATTN_TEACHER,
     method_cfg=AdvKDConfig(cache_dir="runs/pairs-attn-euler8-snapshots-5k", n_pairs=5000, holdout=200,
-                           cache_batch=250, width=32, stage_steps=(400, 400, 600, 2600)),
-    train=TrainConfig(steps=4000, batch_size=64, ema_decay=0.995, clip_grad_norm=10.0, log_every=50,
+                           cache_batch=250, width=32, stage_steps=(400, 400, 600, 1000)),
+    train=TrainConfig(steps=2400, batch_size=64, ema_decay=0.995, clip_grad_norm=10.0, log_every=50,
                       ckpt_every=200, sample_every=1000, seed=0, num_threads=2))
 
 
