@@ -125,9 +125,9 @@ PRESETS: dict[str, RunConfig] = {
         method_cfg=SiDConfig(alpha=1.2, fake_warmup=150, init_from="artifacts/fmnist-student-sid-gpu.safetensors",
                              optim_generator=OptimConfig(lr=5e-5, betas=(0.0, 0.999)),
                              optim_fake=OptimConfig(lr=5e-5, betas=(0.0, 0.999))),
-        train=TrainConfig(steps=2000, batch_size=32, ema_decay=0.999, extra_ema_sigma_rels=(0.05, 0.10),
+        train=TrainConfig(steps=4300, batch_size=32, ema_decay=0.999, extra_ema_sigma_rels=(0.05, 0.10),
                           clip_grad_norm=1.0, log_every=25, ckpt_every=100, snapshot_every=250, sample_every=500,
-                          metric_every=0, seed=1, num_threads=2)),
+                          metric_every=0, seed=1, num_threads=2)),  # run as 2000, then resumed to 4300 (~2.4 s/it)
     "fmnist-sida": RunConfig(
         method="sida", teacher=SHIPPED_TEACHER, data="fashion-mnist",
         method_cfg=SiDConfig(alpha=1.0, fake_warmup=50, adversarial=True, lambda_adv=0.01, adv_mix_after=100,
