@@ -173,8 +173,8 @@ def main(argv=None) -> int:
                          "(config init) is shown after that recorded budget")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    earlier = ({r["name"]: r.get("budget") or {} for r in json.loads(Path(args.budgets).read_text())["rows"]}
-               if args.budgets else {})
+    earlier_res = json.loads(Path(args.budgets).read_text()) if args.budgets else {}
+    earlier = {r["name"]: r.get("budget") or {} for r in earlier_res.get("rows", [])}
     t = json.loads(Path(args.teacher).read_text())
     inc_rows = [r for r in t["rows"] if "inception_kid" in r]
     t1 = next((r for r in t["rows"] if r["nfe"] == 1 and "inception_kid" in r), None)
@@ -213,6 +213,10 @@ def main(argv=None) -> int:
         measured = measure_latency(students, t["model"], Path(args.workdir or tempfile.mkdtemp(prefix="onestep-cmp-")),
                                    method)
         res["latency"] = measured
+    elif earlier_res.get("latency"):  # the same networks, timed when the earlier table was made
+        measured = {**earlier_res["latency"], "carried_from": args.budgets}
+        res["latency"] = measured
+    if measured:
         per_nfe = measured["models"]["teacher"]["p50_ms"]
         for r in rows:
             m = measured["models"].get(r["name"])
@@ -227,6 +231,9 @@ def main(argv=None) -> int:
     if measured:
         from benchmarks.stats import fmt_ci
 
+        if measured.get("carried_from"):
+            lines += [f"Latency carried over from `{measured['carried_from']}` (students of the same names and "
+                      "networks, timed when that table was made):", ""]
         lines += [f"Latency: onnxruntime CPU, batch 1, all models in one process ({measured['threads']} threads); "
                   f"{measured['method_text']}. Teacher rows are NFE x its measured 1-NFE latency. Students of the "
                   f"same network should time alike: their spread is the noise of the machine.", "",
