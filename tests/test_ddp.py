@@ -4,6 +4,7 @@ step, a parameter that never gets a gradient, and gradient accumulation."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -83,7 +84,11 @@ def _worker(rank: int, world: int, port: int, grad_accum: int, tmp: str) -> None
         if rank == 0:
             torch.save(weights, os.path.join(tmp, "ddp.pt"))  # test-only scratch file
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            # both ranks leave together: a rank tearing gloo down while the other still runs a collective
+            # aborts it ("terminate called without an active exception"); bounded, so a failed rank cannot hang it
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            dist.destroy_process_group()
 
 
 def _free_port() -> int:
