@@ -46,3 +46,24 @@ def test_budgets_come_from_run_folders_earlier_tables_and_chain_on_continuation(
     res = json.loads((tmp_path / "students.json").read_text())
     sid = next(r for r in res["rows"] if r["name"] == "sid")
     assert sid["budget"]["init_from"] == "artifacts/old-sid.safetensors" and sid["budget"]["before"] == gpu
+
+
+def test_latency_is_carried_over_from_the_earlier_table_when_not_measured(tmp_path):
+    src = json.loads(open("benchmarks/results/students_attn_gpu.json").read())
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"rows": src["rows"], "latency": src["latency"]}))
+    teacher = _quality(tmp_path / "t.json", "teacher.safetensors", 0.015, nfe=17, sampler="heun", steps=9)
+    out = tmp_path / "students"
+    assert compare.main(["--teacher", str(teacher),
+                         "--student", f"adv-kd={_quality(tmp_path / 'a.json', 'a.safetensors', 0.18)}",
+                         "--student", f"new-name={_quality(tmp_path / 'n.json', 'n.safetensors', 0.02)}",
+                         "--budgets", str(earlier), "--out", str(out)]) == 0
+    res = json.loads((tmp_path / "students.json").read_text())
+    rows = {r["name"]: r for r in res["rows"]}
+    adv, teacher_ms = src["latency"]["models"]["adv-kd"], src["latency"]["models"]["teacher"]["p50_ms"]
+    assert rows["adv-kd"]["latency_ms"] == adv["p50_ms"] and rows["adv-kd"]["params"] == adv["params"]
+    assert adv["p50_ms"] < teacher_ms / 2  # the smaller network keeps its own time, not the teacher's
+    assert rows["new-name"]["latency_ms"] == teacher_ms  # a name timed nowhere: one teacher step (same network)
+    assert res["latency"]["carried_from"] == str(earlier)
+    assert "Latency carried over from" in (tmp_path / "students.md").read_text()
+    assert (tmp_path / "students-pareto.png").exists()

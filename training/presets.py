@@ -119,7 +119,7 @@ PRESETS: dict[str, RunConfig] = {
                           metric_samples=500, seed=0, num_threads=2)),
     # SiD continued on 2 CPU cores from the shipped SiD student (artifacts/fmnist-student-sid-gpu.safetensors, 155.8 kimg on
     # one GPU; its fake score and optimizer state were not kept): the generator starts from that student, the fake
-    # score from the teacher again, trained alone for 150 iterations (~1.4 s each) to catch up with the generator
+    # score from the teacher again, trained alone for 150 iterations (~0.85 s each) to catch up with the generator
     "fmnist-sid-attn-continue": RunConfig(
         method="sid", teacher=ATTN_TEACHER,
         method_cfg=SiDConfig(alpha=1.2, fake_warmup=150, init_from="artifacts/fmnist-student-sid-gpu.safetensors",
