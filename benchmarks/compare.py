@@ -18,6 +18,22 @@ from pathlib import Path
 import numpy as np
 
 
+def _train_seconds(train_rows: list[dict]) -> float:
+    """Training time from a run's log rows. Rows with 'elapsed_s' carry sec_per_it over their own window, so the
+    time is the sum of sec_per_it x the window's iterations. Older rows (no 'elapsed_s') carried the average since
+    the process started: the last of them times its iteration is that process's time, exact for a run that was
+    never resumed (a resumed one is counted as if its last process had run from iteration 0)."""
+    legacy = [r for r in train_rows if "elapsed_s" not in r]
+    secs, it_prev = 0.0, 0
+    if legacy:
+        secs, it_prev = legacy[-1]["sec_per_it"] * legacy[-1]["it"], legacy[-1]["it"]
+    for r in train_rows:
+        if "elapsed_s" in r and r["it"] > it_prev:
+            secs += r["sec_per_it"] * (r["it"] - it_prev)
+            it_prev = r["it"]
+    return secs
+
+
 def _budget(run_dir: Path | None) -> dict:
     if run_dir is None or not (run_dir / "log.jsonl").exists():
         return {}
@@ -25,7 +41,7 @@ def _budget(run_dir: Path | None) -> dict:
     train_rows = [r for r in rows if "sec_per_it" in r]
     cfg = json.loads((run_dir / "config.json").read_text())
     last = train_rows[-1] if train_rows else {}
-    secs = sum(r["sec_per_it"] * (r["it"] - p["it"]) for p, r in zip([{"it": 0}] + train_rows[:-1], train_rows))
+    secs = _train_seconds(train_rows)
     out = {"iterations": last.get("it"), "batch": cfg["train"]["batch_size"], "kimg": last.get("kimg"),
            "train_seconds": secs, "machine": cfg.get("machine", {}).get("cpu_model"),
            "device": (cfg.get("device") or {}).get("name") or "CPU",

@@ -67,3 +67,15 @@ def test_latency_is_carried_over_from_the_earlier_table_when_not_measured(tmp_pa
     assert res["latency"]["carried_from"] == str(earlier)
     assert "Latency carried over from" in (tmp_path / "students.md").read_text()
     assert (tmp_path / "students-pareto.png").exists()
+
+
+def test_training_time_from_windowed_and_older_cumulative_rows():
+    from benchmarks.compare import _train_seconds
+
+    windowed = [{"it": 2, "sec_per_it": 1.0, "elapsed_s": 2.0}, {"it": 4, "sec_per_it": 3.0, "elapsed_s": 8.0}]
+    assert _train_seconds(windowed) == 8.0
+    # older logs: the average since the process started (1 s/it for 2 iterations, then 3 s/it for 2 more)
+    cumulative = [{"it": 2, "sec_per_it": 1.0}, {"it": 4, "sec_per_it": 2.0}]
+    assert _train_seconds(cumulative) == 8.0
+    # an older run resumed with the current trainer: its older part, then the new rows' windows
+    assert _train_seconds(cumulative + [{"it": 6, "sec_per_it": 5.0, "elapsed_s": 10.0}]) == 18.0

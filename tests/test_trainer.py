@@ -225,3 +225,27 @@ def test_log_csv_widens_its_header_when_a_column_appears(tmp_path):
     assert [r["gen/loss"] for r in rows] == ["", "", "-1.0", "-2.0"]
     assert [r["it"] for r in rows] == ["1", "2", "3", "4"]
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 4
+
+
+@needs_fmnist
+def test_log_rows_time_their_own_window(tmp_path, monkeypatch):
+    """sec_per_it covers the iterations since the previous row (a fake clock: 1 s per iteration for the first 4,
+    then 3 s), elapsed_s the time since the process started; summed over the rows, sec_per_it x iterations is the
+    training time."""
+    import training.trainer as tr
+
+    clock = {"t": 1000.0}
+    monkeypatch.setattr(tr.time, "time", lambda: clock["t"])
+    step = Trainer.train_step
+
+    def timed_step(self):
+        clock["t"] += 1.0 if self.it < 4 else 3.0
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    train(_rc(8, **{"train.log_every": 2}), tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "sec_per_it" in r]
+    assert [r["it"] for r in rows] == [2, 4, 6, 8]
+    assert [r["sec_per_it"] for r in rows] == [1.0, 1.0, 3.0, 3.0]
+    assert [r["elapsed_s"] for r in rows] == [2.0, 4.0, 10.0, 16.0]

@@ -466,7 +466,8 @@ class Trainer:
         if self.progress:
             from tqdm import tqdm
             bar = tqdm(total=self.cfg.steps, initial=self.it, desc=self.method.name, dynamic_ncols=True)
-        t0, it0 = time.time(), self.it
+        t0 = t_win = time.time()
+        it_win = self.it
         window: dict[str, list[float]] = {}
         summary: dict[str, Any] = {}
         try:
@@ -481,12 +482,15 @@ class Trainer:
                     bar.set_postfix(short, refresh=False)
                 last = self.it >= self.cfg.steps or self._stop  # a SIGTERM'd run logs its final row too
                 if self.rank == 0 and (self.it % self.cfg.log_every == 0 or last):
-                    elapsed = time.time() - t0
+                    # sec_per_it: over the iterations since the previous row (so that sum(sec_per_it x iterations)
+                    # over the rows is the training time); elapsed_s: since this process started (or resumed)
+                    now = time.time()
                     row = {"it": self.it, "kimg": self.it * self.cfg.batch_size / 1000,
-                           "sec_per_it": elapsed / max(1, self.it - it0), "nan_skips": self.nan_skips}
+                           "sec_per_it": (now - t_win) / max(1, self.it - it_win), "elapsed_s": now - t0,
+                           "nan_skips": self.nan_skips}
                     row.update({k: float(np.mean(v)) for k, v in window.items()})
                     self._log(row)
-                    window = {}
+                    window, t_win, it_win = {}, now, self.it
                 if self.cfg.ckpt_every and self.it % self.cfg.ckpt_every == 0 and not last:
                     self.save_state()
                 if self.rank == 0 and self.cfg.snapshot_every and self.it % self.cfg.snapshot_every == 0:
