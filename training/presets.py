@@ -284,7 +284,11 @@ PRESETS["fmnist-adv-kd-attn"] = RunConfig(
 # The same recipe with the budget a GAN needs: 20000 trajectories (the 5000 above are its first 20 shards), the stages
 # at 1000/1000/1500 iterations and the final one-step stage for the rest of 14000 (~0.43 s per iteration at batch 64
 # on 2 cores); snapshots every 1000 iterations, each scored on the classifier metric, give the KID-vs-kimg curve and
-# the shipped snapshot (held-out L1 to the teacher rewards blur, not a GAN's sharpness).
+# the shipped snapshot (held-out L1 to the teacher rewards blur, not a GAN's sharpness). Reached: stopped by SIGTERM at
+# iteration 10137 (649 kimg; 89 training minutes, plus ~25 for the 15000 new trajectories while another job shared the
+# cores): Inception KID 85.77 +- 1.99 x1e-3, FID 104.96 at N=2000 (main EMA; benchmarks/results/
+# student_attn_adv_kd_cpu_long.md), classifier KID 25.0 and still flat-to-falling (advkd_curve.md). To reproduce that
+# budget: --set train.steps=10137.
 PRESETS["fmnist-adv-kd-attn-long"] = RunConfig(
     method="adv-kd", teacher=ATTN_TEACHER,
     method_cfg=AdvKDConfig(cache_dir="runs/pairs-attn-euler8-snapshots-20k", n_pairs=20_000, holdout=500,
