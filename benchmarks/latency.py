@@ -515,6 +515,19 @@ def run(args) -> dict:
 
             res["concurrency"] = concurrency_sweep(ts.grpc_url, "student", [int(c) for c in args.concurrency.split(",")],
                                                    n_cls, method)
+        if args.response_cache_mib and "triton-grpc" in served and ts is not None:
+            from benchmarks import response_cache
+
+            if api_conn is not None:  # the cached server runs alone
+                api_conn.close()
+                api_conn = None
+            if api_srv is not None:
+                api_srv.stop()
+                api_srv = None
+            ts.stop()
+            ts = None
+            res["response_cache"] = response_cache.measure(repo, "student", n_cls, method, args.response_cache_mib)
+            print(json.dumps({"response_cache": res["response_cache"]["triton_hit_us"]}), flush=True)
     finally:
         if api_conn is not None:
             api_conn.close()
@@ -715,6 +728,10 @@ def to_markdown(res: dict) -> str:
         for c in res["concurrency"]:
             lines.append(f"| {c['concurrency']} | {fmt_ci(c['images_per_s'], '.1f')} | {fmt_ci(c['p50_ms'], '.2f')} "
                          f"| {c['p99_ms']:.2f} |")
+    if res.get("response_cache"):
+        from benchmarks import response_cache
+
+        lines += [""] + response_cache.to_markdown(res["response_cache"])
     if res.get("skipped"):
         lines += ["", "## Not measured", "", "| backend / path | why |", "|---|---|"]
         lines += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in res["skipped"].items()]
@@ -807,6 +824,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--queue-delay-us", type=int, default=DEFAULT_MAX_QUEUE_DELAY_US)
     ap.add_argument("--max-batch", type=int, default=0,
                     help="max batch of the served models (0 = the largest of --batches and --concurrency)")
+    ap.add_argument("--response-cache-mib", type=int, default=64,
+                    help="then time a repeated vs a new request on a Triton with this response cache (0 = skip)")
     ap.add_argument("--concurrency", default="1,4,16", help="client counts for the served sweep ('' = none)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: batch 1 (1 and 8 on cuda), two teacher points, the same method with short windows "

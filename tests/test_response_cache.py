@@ -180,3 +180,20 @@ def test_onestep_serve_answers_a_repeated_api_request_from_the_cache(tiny_artifa
             p.kill()
             p.wait(10)
     assert "response cache 1 MiB" in p.stdout.read()
+
+
+@pytest.mark.triton
+def test_cache_benchmark_counts_repeats_as_hits_and_new_seeds_as_misses(tiny_artifacts):
+    """benchmarks/response_cache.py against the real Triton: its figures come from the requests it made."""
+    from conftest import TINY_CLASS_NAMES
+
+    from benchmarks import response_cache, stats
+
+    method = stats.Method(min_calls=10, window_s=0.05, rounds=2, warmup_calls=1)
+    f = response_cache.measure(tiny_artifacts["repo"], "tiny", len(TINY_CLASS_NAMES), method, cache_mib=1)
+    assert f["hits"] == f["repeat_calls"] >= 10 and f["misses_in_repeat"] == 0
+    assert f["misses_in_new"] >= 10
+    assert 0 < f["triton_hit_us"]["median"] and f["triton_hit_us"]["rounds"] == 2
+    assert f["round_trip_repeat_ms"]["median"] > 0 and f["new_over_repeat"]["rounds"] == 2
+    text = "\n".join(response_cache.to_markdown(f))
+    assert f"{f['hits']} cache hits and 0 misses" in text
