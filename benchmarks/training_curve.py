@@ -34,7 +34,7 @@ def read_curve(run_dir: str | Path, metric: str, kimg0: float = 0.0) -> dict:
             rec = json.loads(line)
         except json.JSONDecodeError:  # a line cut by a killed process
             continue
-        key = f"metric/{metric}"
+        key = metric if "/" in metric else f"metric/{metric}"  # a full key such as val/loss is taken as it is
         if key in rec:
             it = int(rec["it"])
             points.append({"it": it, "kimg": kimg0 + it * batch / 1000.0, "value": float(rec[key]),
@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--run", action="append", default=[], help="LABEL=RUN_DIR[:KIMG0] (repeatable)")
     ap.add_argument("--eval", action="append", default=[],
                     help="LABEL=KIMG:QUALITY_JSON[:SAMPLER:STEPS] (repeatable): a point measured after training")
-    ap.add_argument("--metric", default="classifier_kid", help="name after metric/ in log.jsonl")
+    ap.add_argument("--metric", default="classifier_kid", help="name after metric/ in log.jsonl, or a full key with a slash (e.g. val/loss, the held-out "
+                         "loss of the offline methods)")
     ap.add_argument("--title", default="Metric vs training images")
     ap.add_argument("--note", default="", help="how the trainer computed the metric (sampler, N, EMA)")
     ap.add_argument("--out", required=True, help="output stem")
@@ -105,7 +106,8 @@ def main(argv=None) -> int:
         label, path, k0 = parse_run(spec)
         curves[label] = read_curve(path, args.metric, k0)
         if not curves[label]["points"]:
-            print(f"{path}: no metric/{args.metric} lines in log.jsonl", file=sys.stderr)
+            print(f"{path}: no {args.metric if '/' in args.metric else 'metric/' + args.metric} lines in log.jsonl",
+                  file=sys.stderr)
             return 2
     res = {"title": args.title, "metric": args.metric, "curves": curves,
            "command": "python -m benchmarks.training_curve " + " ".join(

@@ -21,6 +21,13 @@ def test_curve_reads_metric_lines_in_kimg_with_a_warm_start_offset(tmp_path):
     assert [(p["it"], p["kimg"], p["value"]) for p in c["points"]] == [(500, 160.0, 12.5), (1000, 192.0, 5.5)]
 
 
+def test_a_full_key_such_as_the_held_out_loss_is_read_as_it_is(tmp_path):
+    run = _run(tmp_path, [json.dumps({"it": 250, "val/loss": 0.08}), json.dumps({"it": 250, "metric/val": 1.0}),
+                          json.dumps({"it": 500, "val/loss": 0.07})])
+    c = read_curve(run, "val/loss")
+    assert [(p["it"], p["kimg"], p["value"]) for p in c["points"]] == [(250, 16.0, 0.08), (500, 32.0, 0.07)]
+
+
 def test_curve_cli_writes_json_md_png_and_refuses_a_run_without_the_metric(tmp_path):
     run = _run(tmp_path, [json.dumps({"it": 500, "metric/classifier_fd": 3.0})])
     out = tmp_path / "curve"
