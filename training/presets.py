@@ -315,7 +315,10 @@ PRESETS["fmnist-emd-attn"] = RunConfig(
 # Denoising Student from the attention teacher on 2 CPU cores: 15000 Heun-9 (17 NFE) teacher pairs (~0.18 s each on
 # 2 cores, ~45 min), then the full-size student regressed onto them at batch 64 (the GPU recipe's optimiser, warm-up
 # shortened to the shorter run); snapshots every 1000 iterations, each scored on the classifier metric, give the
-# KID-vs-kimg curve.
+# KID-vs-kimg curve. Reached: stopped by SIGTERM at iteration 2506 (160 kimg, 70 training minutes, ~1.7 s/iteration):
+# Inception KID 28.47 +- 1.06 x1e-3, FID 47.36 at N=2000 (model-best; benchmarks/results/
+# student_attn_denoising_student_cpu.md), as the GPU run with 50000 pairs and 320 kimg (28.22). To reproduce that
+# budget: --set train.steps=2506.
 PRESETS["fmnist-denoising-student-attn"] = RunConfig(
     method="denoising-student", teacher=ATTN_TEACHER,
     method_cfg=DenoisingStudentConfig(cache_dir="runs/pairs-attn-heun9-15k", n_pairs=15_000, holdout=500,
