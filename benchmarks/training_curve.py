@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--run", action="append", default=[], help="LABEL=RUN_DIR[:KIMG0] (repeatable)")
     ap.add_argument("--eval", action="append", default=[],
                     help="LABEL=KIMG:QUALITY_JSON[:SAMPLER:STEPS] (repeatable): a point measured after training")
-    ap.add_argument("--metric", default="classifier_kid", help="name after metric/ in log.jsonl, or a full key with a slash (e.g. val/loss, the held-out "
+    ap.add_argument("--metric", default="classifier_kid",
+                    help="name after metric/ in log.jsonl, or a full key with a slash (e.g. val/loss, the held-out "
                          "loss of the offline methods)")
     ap.add_argument("--title", default="Metric vs training images")
     ap.add_argument("--note", default="", help="how the trainer computed the metric (sampler, N, EMA)")

@@ -329,6 +329,7 @@ PRESETS["fmnist-denoising-student-attn"] = RunConfig(
                       log_every=50, ckpt_every=250, snapshot_every=1000, sample_every=1000, metric_every=1000,
                       metric_samples=1000, seed=0, num_threads=2))
 
+
 def get_preset(name: str) -> RunConfig:
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
