@@ -9,6 +9,7 @@ and class-balanced labels, and score the images in the Inception and/or classifi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -28,12 +29,15 @@ def parse_points(spec: str) -> list[tuple[str, int]]:
     return out
 
 
-def generate(model, meta: dict, sampler: str, steps: int, n: int, batch: int = 250, schedule: str = "karras"):
+def generate(model, meta: dict, sampler: str, steps: int, n: int, batch: int = 250, schedule: str = "karras",
+             churn=None):
+    """n images from seeds EVAL_SEED0.. with labels i % classes; heun-sde draws its per-step noise from the same
+    seeds (`seeded_noise_steps`) with `churn` (default `Churn()`)."""
     import torch
 
     from onestep.checkpoint import image_shape
     from onestep.data import to_uint8
-    from onestep.noise import seeded_noise
+    from onestep.noise import seeded_noise, seeded_noise_steps
     from onestep.samplers import sample
 
     shape = image_shape(meta["model"])
@@ -47,6 +51,9 @@ def generate(model, meta: dict, sampler: str, steps: int, n: int, batch: int = 2
         if sampler == "onestep":
             with torch.no_grad():
                 x = model(z, labels)
+        elif sampler == "heun-sde":
+            eps = torch.from_numpy(seeded_noise_steps(seeds, shape, steps))
+            x = sample(model, z, labels, sampler, steps, schedule, churn_noise=eps, churn=churn)
         else:
             x = sample(model, z, labels, sampler, steps, schedule)
         imgs.append(to_uint8(x.numpy()))
@@ -56,11 +63,11 @@ def generate(model, meta: dict, sampler: str, steps: int, n: int, batch: int = 2
 
 def evaluate(model_path: str, points, n: int, inception_points=(), n_inception: int | None = None,
              grid_dir: Path | None = None, progress: bool = True, guidance: float = 1.0,
-             blur_sigma: float = 3.0) -> dict:
+             blur_sigma: float = 3.0, churn=None) -> dict:
     from onestep.checkpoint import load_model
     from onestep.images import save_grid
     from onestep.metrics import ClassifierFeatures, InceptionFeatures, evaluate_images, real_baseline
-    from onestep.samplers import nfe
+    from onestep.samplers import Churn, nfe
 
     model, meta = load_model(model_path)
     if guidance != 1.0:  # the teacher with SFERD's attention guidance (what fmnist-sferd's targets are sampled from)
@@ -77,8 +84,11 @@ def evaluate(model_path: str, points, n: int, inception_points=(), n_inception: 
         res["baselines"]["inception"] = real_baseline(extractor=inc, n=n_inc, progress=progress)
     for sampler, steps in points:
         k = nfe(sampler, steps)
-        imgs, labels, secs = generate(model, meta, sampler, steps, max(n, n_inc if (sampler, steps) in inception_points else 0))
+        imgs, labels, secs = generate(model, meta, sampler, steps,
+                                      max(n, n_inc if (sampler, steps) in inception_points else 0), churn=churn)
         row = {"sampler": sampler, "steps": steps, "nfe": k, "sample_seconds": secs}
+        if sampler == "heun-sde":
+            row["churn"] = dataclasses.asdict(churn or Churn())
         c = evaluate_images(imgs[:n], extractor=clf)
         row.update({"classifier_kid": c["kid"], "classifier_kid_std": c["kid_std"], "classifier_fd": c["fid"]})
         if labels is not None:
@@ -109,7 +119,11 @@ def to_markdown(res: dict, title: str) -> str:
         inc_fid = f"{r['inception_fid']:.2f}" if "inception_fid" in r else "-"
         inc_kid = f"{r['inception_kid']*1e3:.2f} ± {r['inception_kid_std']*1e3:.2f}" if "inception_kid" in r else "-"
         agree = f"{r['class_agreement']:.3f}" if "class_agreement" in r else "-"
-        lines.append(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['classifier_kid']:.2f} ± "
+        name = r["sampler"]
+        if "churn" in r:
+            c = r["churn"]
+            name += f" (S_churn {c['S_churn']:g}, S_tmin {c['S_tmin']:g}, S_tmax {c['S_tmax']:g}, S_noise {c['S_noise']:g})"
+        lines.append(f"| {name} | {r['steps']} | {r['nfe']} | {r['classifier_kid']:.2f} ± "
                      f"{r['classifier_kid_std']:.2f} | {r['classifier_fd']:.3f} | {agree} | {inc_fid} | {inc_kid} | "
                      f"{r['sample_seconds']:.1f} |")
     meta = res.get("run", {})
@@ -128,7 +142,8 @@ def render(json_path: str, title: str) -> str:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", required=True)
-    ap.add_argument("--points", default="onestep:1", help="sampler:steps list (euler, heun, ddim, onestep)")
+    ap.add_argument("--points", default="onestep:1",
+                    help="sampler:steps list (euler, heun, heun-sde, ddim, onestep)")
     ap.add_argument("--inception-points", default="", help="subset of --points also scored with Inception")
     ap.add_argument("--n", type=int, default=1000, help="images per point for the classifier metric")
     ap.add_argument("--n-inception", type=int, default=None, help="images per Inception point (default --n)")
@@ -137,6 +152,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--guidance", type=float, default=1.0,
                     help="sample a teacher with SFERD's attention guidance eps_deg + w (eps - eps_deg) (1 = off)")
     ap.add_argument("--blur-sigma", type=float, default=3.0, help="blur of the attention guidance")
+    ap.add_argument("--s-churn", type=float, default=40.0, help="heun-sde points (EDM Algorithm 2): S_churn")
+    ap.add_argument("--s-tmin", type=float, default=0.05, help="heun-sde: lowest sigma that gets churn")
+    ap.add_argument("--s-tmax", type=float, default=50.0, help="heun-sde: highest sigma that gets churn")
+    ap.add_argument("--s-noise", type=float, default=1.003, help="heun-sde: noise inflation S_noise")
 
 
 def run(args) -> int:
@@ -148,8 +167,11 @@ def run(args) -> int:
     points = parse_points(args.points)
     inc_points = parse_points(args.inception_points)
     out = Path(args.out)
+    from onestep.samplers import Churn
+
+    churn = Churn(args.s_churn, args.s_tmin, args.s_tmax, args.s_noise)
     res = evaluate(args.model, points, args.n, inc_points, args.n_inception, grid_dir=Path(f"{out}-grids"),
-                   guidance=args.guidance, blur_sigma=args.blur_sigma)
+                   guidance=args.guidance, blur_sigma=args.blur_sigma, churn=churn)
     res["run"] = {"command": " ".join(["onestep" if sys.argv[0].endswith("onestep") else "python -m benchmarks.quality"]
                                       + sys.argv[1:]),
                   "machine": machine_info(), "git_revision": git_revision(), "torch_threads": torch.get_num_threads()}

@@ -106,8 +106,8 @@ def cmd_sample(args) -> int:
     from onestep.checkpoint import DENOISER_KINDS, image_shape, load_model, load_teacher
     from onestep.data import to_uint8
     from onestep.images import save_grid
-    from onestep.noise import parse_seeds, seeded_noise
-    from onestep.samplers import diffusers_noise, sample, sample_onestep
+    from onestep.noise import parse_seeds, seeded_noise, seeded_noise_steps
+    from onestep.samplers import Churn, diffusers_noise, sample, sample_onestep
 
     model, meta = load_teacher(args.model) if Path(args.model).is_dir() else load_model(args.model)
     seeds = parse_seeds(args.seeds)
@@ -125,10 +125,14 @@ def cmd_sample(args) -> int:
     if n_cls:
         labels = torch.tensor([args.label] * len(seeds)) if args.label is not None else torch.arange(len(seeds)) % n_cls
     sampler = args.sampler or ("ddim" if args.noise_convention == "diffusers" else "heun")
+    sde = {}
+    if sampler == "heun-sde":
+        sde = {"churn": Churn(args.s_churn, args.s_tmin, args.s_tmax, args.s_noise),
+               "churn_noise": torch.from_numpy(seeded_noise_steps(seeds, shape, args.steps))}
     with torch.no_grad():
         if is_denoiser:
             x = sample(model, z, labels, sampler, args.steps, args.schedule, progress=True,
-                       noise_convention=args.noise_convention)
+                       noise_convention=args.noise_convention, **sde)
         else:
             x = sample_onestep(model, z, labels)
     imgs = to_uint8(x.numpy())
@@ -206,8 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint (.safetensors with JSON sidecar) or a diffusers folder")
     p.add_argument("--seeds", default="0-39", help="e.g. 0-39 or 1,5,9")
     p.add_argument("--label", type=int, default=None, help="class label for all images (default: cycle classes)")
-    p.add_argument("--sampler", default=None, choices=["heun", "euler", "ddim"],
-                   help="default heun (ddim with --noise-convention diffusers)")
+    p.add_argument("--sampler", default=None, choices=["heun", "heun-sde", "euler", "ddim"],
+                   help="default heun (ddim with --noise-convention diffusers); heun-sde: EDM's stochastic sampler "
+                        "(Algorithm 2), its per-step noise drawn from each image's seed")
+    p.add_argument("--s-churn", type=float, default=40.0, help="heun-sde: S_churn (EDM Algorithm 2)")
+    p.add_argument("--s-tmin", type=float, default=0.05, help="heun-sde: lowest sigma that gets churn")
+    p.add_argument("--s-tmax", type=float, default=50.0, help="heun-sde: highest sigma that gets churn")
+    p.add_argument("--s-noise", type=float, default=1.003, help="heun-sde: noise inflation S_noise")
     p.add_argument("--steps", type=int, default=18)
     p.add_argument("--schedule", default=None,
                    help="karras (default) | loglinear | ddim-uniform | ddim-quadratic | ddim-trailing")

@@ -69,6 +69,17 @@ def seeded_noise(seeds: Iterable[int], shape: Sequence[int]) -> np.ndarray:
     return out.reshape(len(seeds), 2 * pairs)[:, :size].astype(np.float32).reshape(len(seeds), *shape)
 
 
+def seeded_noise_steps(seeds: Iterable[int], shape: Sequence[int], steps: int) -> np.ndarray:
+    """(len(seeds), steps, *shape): per-step noise of a stochastic sampler, the continuation of each seed's stream
+    after its first image. For an even image size, `seeded_noise_steps(s, shape, k)[:, i]` is image i + 1 of
+    `seeded_noise(s, (k + 1, *shape))`, whose image 0 is `seeded_noise(s, shape)`: the starting noise and the
+    per-step noise of a sample come from its seed alone, whatever the batch."""
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    shape = tuple(int(d) for d in shape)
+    return seeded_noise(seeds, (steps + 1, *shape))[:, 1:]
+
+
 def parse_seeds(spec: str) -> list[int]:
     """'0-99' -> [0..99], '1,5,7' -> [1, 5, 7], '0-3,10' -> [0, 1, 2, 3, 10]. Ranges are inclusive."""
     out: list[int] = []

@@ -14,6 +14,7 @@ timesteps are those of DDIMScheduler.set_timesteps. The default convention stays
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -154,6 +155,73 @@ def sample_heun(denoiser: Denoiser, noise, sigmas, labels=None, progress: bool =
     return x
 
 
+@dataclass(frozen=True)
+class Churn:
+    """EDM Algorithm 2's stochasticity (Karras et al. 2022, Sec. 4 and Table 5): noise is added at every step
+    whose sigma lies in [S_tmin, S_tmax], raising sigma by gamma = min(S_churn / N, sqrt(2) - 1), scaled by
+    S_noise. Defaults: the paper's ImageNet-64 setting (S_churn 40, S_tmin 0.05, S_tmax 50, S_noise 1.003)."""
+
+    S_churn: float = 40.0
+    S_tmin: float = 0.05
+    S_tmax: float = 50.0
+    S_noise: float = 1.003
+
+    def __post_init__(self):
+        if not (self.S_churn >= 0 and 0 <= self.S_tmin <= self.S_tmax and self.S_noise > 0):
+            raise ValueError(f"invalid churn {self}: need S_churn >= 0, 0 <= S_tmin <= S_tmax, S_noise > 0")
+
+    def gammas(self, sigmas) -> np.ndarray:
+        """gamma_i for the N = len(sigmas) - 1 steps (Algorithm 2, line 4)."""
+        n = len(sigmas) - 1
+        g = min(self.S_churn / n, math.sqrt(2.0) - 1.0)
+        return np.array([g if self.S_tmin <= s <= self.S_tmax else 0.0 for s in sigmas[:-1]])
+
+
+def churn_noise_shape(n_samples: int, steps: int, shape) -> tuple[int, ...]:
+    """The shape of `sample_heun_sde`'s churn_noise: one unit-normal image per sample and step."""
+    return (n_samples, steps, *shape)
+
+
+def sample_heun_sde(denoiser: Denoiser, noise, sigmas, labels=None, progress: bool = False, churn_noise=None,
+                    churn: Churn = Churn()):
+    """EDM Algorithm 2 (stochastic): before step i, x_hat = x_i + sqrt(t_hat^2 - t_i^2) S_noise eps_i with
+    t_hat = (1 + gamma_i) t_i (lines 4-6), then one Heun step from t_hat to t_{i+1} (lines 7-11).
+
+    churn_noise holds eps_i per sample: shape (B, N, *image) with N = len(sigmas) - 1, eps_i = churn_noise[:, i].
+    It is an argument, not drawn here, so that a sample depends on its own noise only (see
+    `onestep.noise.seeded_noise_steps`, which continues each seed's stream). With S_churn = 0 this is
+    `sample_heun` exactly. NFE = 2N - 1, as Heun.
+    """
+    sigmas = [float(s) for s in sigmas]
+    if math.isinf(sigmas[0]):
+        raise ValueError("sample_heun_sde needs a finite sigma_max (no churn from sigma = inf)")
+    gammas = churn.gammas(sigmas)
+    x = _as_f32(noise) * sigmas[0]
+    if (gammas > 0).any():
+        if churn_noise is None:
+            raise ValueError("sample_heun_sde with S_churn > 0 needs churn_noise (B, steps, *image)")
+        want = churn_noise_shape(x.shape[0], len(sigmas) - 1, x.shape[1:])
+        if tuple(churn_noise.shape) != want:
+            raise ValueError(f"churn_noise has shape {tuple(churn_noise.shape)}, expected {want}")
+        churn_noise = _as_f32(churn_noise)
+    steps = range(len(sigmas) - 1)
+    if progress:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc="heun-sde", leave=False)
+    for i in steps:
+        s, s_next = sigmas[i], sigmas[i + 1]
+        s_hat = s * (1.0 + gammas[i])
+        if gammas[i] > 0:  # Algorithm 2, lines 5-6
+            x = x + math.sqrt(s_hat**2 - s**2) * churn.S_noise * churn_noise[:, i]
+        d = (x - denoiser(x, _batch_sigma(s_hat, x), labels)) / s_hat
+        x_next = x + (s_next - s_hat) * d
+        if s_next > 0:  # lines 9-11: second-order correction
+            d_next = (x_next - denoiser(x_next, _batch_sigma(s_next, x), labels)) / s_next
+            x_next = x + (s_next - s_hat) * (0.5 * d + 0.5 * d_next)
+        x = x_next
+    return x
+
+
 # --- diffusers' DDIMPipeline, reproduced -------------------------------------------------------------------
 DDIM_DEFAULTS = {"num_train_timesteps": 1000, "timestep_spacing": "leading", "steps_offset": 0, "clip_sample": True,
                  "clip_sample_range": 1.0, "set_alpha_to_one": True, "thresholding": False}
@@ -267,12 +335,13 @@ SAMPLERS = {"euler": sample_euler, "ddim": sample_euler, "heun": sample_heun}
 
 
 def nfe(sampler: str, steps: int) -> int:
-    return {"euler": steps, "ddim": steps, "heun": max(1, 2 * steps - 1), "onestep": 1}[sampler]
+    return {"euler": steps, "ddim": steps, "heun": max(1, 2 * steps - 1), "heun-sde": max(1, 2 * steps - 1),
+            "onestep": 1}[sampler]
 
 
 def steps_for_nfe(sampler: str, target_nfe: int) -> int:
     """Largest step count whose NFE does not exceed target_nfe (Heun: (nfe + 1) // 2 steps)."""
-    if sampler == "heun":
+    if sampler in ("heun", "heun-sde"):
         return max(1, (target_nfe + 1) // 2)
     return max(1, target_nfe)
 
@@ -289,7 +358,8 @@ def _check_finite(x):
 
 def sample(denoiser: Denoiser, noise, labels=None, sampler: str = "heun", steps: int = 18,
            schedule: str | None = None, sigma_min: float | None = None, sigma_max: float | None = None,
-           rho: float = 7.0, progress: bool = False, noise_convention: str = "ours"):
+           rho: float = 7.0, progress: bool = False, noise_convention: str = "ours", churn_noise=None,
+           churn: Churn | None = None):
     """Front door: builds the schedule from the denoiser's sigma range and runs a sampler (no autograd).
 
     noise_convention="ours" (default): `noise` is unit noise z, x = sigma_0 z, `schedule` (default karras).
@@ -297,6 +367,8 @@ def sample(denoiser: Denoiser, noise, labels=None, sampler: str = "heun", steps:
     DDIM's x_T (see `diffusers_noise`), x = sqrt(1 + sigma_0^2) x_T, timesteps, clip_sample and set_alpha_to_one
     from its scheduler config; sampler must be ddim (or euler, the same update) and `schedule` None. Returns
     what the pipeline computes before its `/ 2 + 0.5` and clamp.
+    sampler="heun-sde" is EDM's stochastic sampler (`sample_heun_sde`): `churn` (default `Churn()`) and the
+    per-sample `churn_noise` (B, steps, *image) go with it.
     A non-finite result raises FloatingPointError.
     """
     if noise_convention not in NOISE_CONVENTIONS:
@@ -330,9 +402,15 @@ def sample(denoiser: Denoiser, noise, labels=None, sampler: str = "heun", steps:
     if train_sigmas is not None and not isinstance(train_sigmas, np.ndarray):
         train_sigmas = train_sigmas.detach().cpu().double().numpy()
     sigmas = make_sigmas(schedule, steps, smin, smax, rho, train_sigmas)
-    fn = SAMPLERS.get(sampler)
+    if sampler == "heun-sde":
+        def fn(d, z, sig, lab, prog):
+            return sample_heun_sde(d, z, sig, lab, prog, churn_noise, churn or Churn())
+    elif churn_noise is not None or churn is not None:
+        raise ValueError(f"churn applies to sampler 'heun-sde' only, not {sampler!r}")
+    else:
+        fn = SAMPLERS.get(sampler)
     if fn is None:
-        raise ValueError(f"unknown sampler {sampler!r} ({', '.join(SAMPLERS)})")
+        raise ValueError(f"unknown sampler {sampler!r} ({', '.join([*SAMPLERS, 'heun-sde'])})")
     if isinstance(noise, np.ndarray):
         return _check_finite(fn(denoiser, noise, sigmas, labels, progress))
     import torch
