@@ -162,6 +162,25 @@ def pareto(pts: list[dict], path: Path, x_label: str) -> list[dict]:
     return pts
 
 
+def load_teacher_results(paths: list[str]) -> dict:
+    """One teacher's `benchmarks.quality` results joined: the first file's header, every file's rows (each row
+    remembers its file as `source`). The files must name the same model hash and N, or they are refused."""
+    t = None
+    for path in paths:
+        res = json.loads(Path(path).read_text())
+        rows = [{**r, "source": path} for r in res["rows"]]
+        if t is None:
+            t = {**res, "rows": rows, "sources": [path]}
+            continue
+        for key in ("model_sha256", "n", "n_inception"):
+            if res.get(key) != t.get(key):
+                raise ValueError(f"{path}: {key} {res.get(key)!r} differs from {paths[0]}'s {t.get(key)!r}: "
+                                 f"teacher results must be of one model at one N")
+        t["rows"] += rows
+        t["sources"].append(path)
+    return t
+
+
 def _fmt(v, spec, missing="-"):
     return missing if v is None else format(v, spec)
 
@@ -171,7 +190,9 @@ def main(argv=None) -> int:
     from onestep.provenance import machine_info
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", required=True, help="teacher quality JSON (benchmarks.quality)")
+    ap.add_argument("--teacher", required=True, action="append",
+                    help="teacher quality JSON (benchmarks.quality); repeatable: the rows of several results of the "
+                         "same teacher file at the same N join (e.g. more samplers measured later)")
     ap.add_argument("--student", action="append", default=[], help="NAME=QUALITY_JSON[:RUN_DIR]")
     ap.add_argument("--latency", default=None, help="latency JSON (benchmarks.latency) for the Pareto chart")
     ap.add_argument("--measure-latency", action="store_true",
@@ -191,7 +212,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     earlier_res = json.loads(Path(args.budgets).read_text()) if args.budgets else {}
     earlier = {r["name"]: r.get("budget") or {} for r in earlier_res.get("rows", [])}
-    t = json.loads(Path(args.teacher).read_text())
+    try:
+        t = load_teacher_results(args.teacher)
+    except ValueError as e:
+        print(str(e), file=sys.stderr)
+        return 2
     inc_rows = [r for r in t["rows"] if "inception_kid" in r]
     t1 = next((r for r in t["rows"] if r["nfe"] == 1 and "inception_kid" in r), None)
     best = min(inc_rows, key=lambda r: r["inception_kid"]) if inc_rows else None
@@ -201,7 +226,7 @@ def main(argv=None) -> int:
                                                        if best else "teacher best", best)):
         if r:
             rows.append({"name": label, "nfe": r["nfe"], **{k: r.get(k) for k in metric_keys},
-                         "grid": f"{Path(args.teacher).stem}-grids/grid-{r['sampler']}-{r['steps']}.png"})
+                         "grid": f"{Path(r['source']).stem}-grids/grid-{r['sampler']}-{r['steps']}.png"})
     students = {}
     for spec in args.student:
         name, _, rest = spec.partition("=")
@@ -264,16 +289,19 @@ def main(argv=None) -> int:
         if notes:
             lines += ["", "Large spread between rounds (the machine was not quiet): " + "; ".join(notes) + "."]
         lines.append("")
-    head = ("| model | NFE | params | ms/img | Inception FID | Inception KID x1e3 | classifier KID | class agreement "
-            "| budget | samples |")
+    head = ("| model | NFE | params | ms/img | Inception FID | Inception KID x1e3 | KID / teacher best | classifier KID "
+            "| class agreement | budget | samples |")
     lines += [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         btxt = _budget_text(r.get("budget") or {})
         kid = (f"{r['inception_kid']*1e3:.2f} ± {r['inception_kid_std']*1e3:.2f}"
                if r.get("inception_kid") is not None else "-")
         params = f"{r['params']/1e6:.2f}M" if r.get("params") else "-"
+        r["kid_vs_teacher_best"] = (r["inception_kid"] / best["inception_kid"]
+                                    if best and r.get("inception_kid") is not None else None)
         lines.append(f"| {r['name']} | {r['nfe']} | {params} | {_fmt(r.get('latency_ms'), '.1f')} | "
-                     f"{_fmt(r.get('inception_fid'), '.2f')} | {kid} | {_fmt(r.get('classifier_kid'), '.2f')} | "
+                     f"{_fmt(r.get('inception_fid'), '.2f')} | {kid} | {_fmt(r['kid_vs_teacher_best'], '.2f')} | "
+                     f"{_fmt(r.get('classifier_kid'), '.2f')} | "
                      f"{_fmt(r.get('class_agreement'), '.3f')} | {btxt} | "
                      + (f"[grid]({r['grid']})" if r.get("grid") else "") + " |")
     lines.append("")

@@ -79,3 +79,22 @@ def test_training_time_from_windowed_and_older_cumulative_rows():
     assert _train_seconds(cumulative) == 8.0
     # an older run resumed with the current trainer: its older part, then the new rows' windows
     assert _train_seconds(cumulative + [{"it": 6, "sec_per_it": 5.0, "elapsed_s": 10.0}]) == 18.0
+
+
+def test_teacher_results_join_and_the_best_row_sets_the_ratio(tmp_path):
+    """--teacher repeated: rows of later measurements of the same teacher join; the best Inception KID among them
+    is the teacher's best, and every student's KID is shown as a ratio to it. Another model is refused."""
+    t9 = _quality(tmp_path / "t9.json", "teacher.safetensors", 0.016, nfe=17, sampler="heun", steps=9)
+    t16 = _quality(tmp_path / "t16.json", "teacher.safetensors", 0.008, nfe=16, sampler="euler", steps=16)
+    out = tmp_path / "students"
+    assert compare.main(["--teacher", str(t9), "--teacher", str(t16),
+                         "--student", f"sid={_quality(tmp_path / 's.json', 'sid.safetensors', 0.012)}",
+                         "--out", str(out)]) == 0
+    res = json.loads((tmp_path / "students.json").read_text())
+    rows = {r["name"]: r for r in res["rows"]}
+    assert "teacher, best (euler 16 NFE)" in rows
+    assert abs(rows["sid"]["kid_vs_teacher_best"] - 1.5) < 1e-9
+    assert rows["teacher, best (euler 16 NFE)"]["grid"] == "t16-grids/grid-euler-16.png"
+    other = tmp_path / "o.json"
+    other.write_text(json.dumps({**json.loads(t16.read_text()), "n_inception": 50}))
+    assert compare.main(["--teacher", str(t9), "--teacher", str(other), "--out", str(out)]) == 2
