@@ -164,7 +164,8 @@ def pareto(pts: list[dict], path: Path, x_label: str) -> list[dict]:
 
 def load_teacher_results(paths: list[str]) -> dict:
     """One teacher's `benchmarks.quality` results joined: the first file's header, every file's rows (each row
-    remembers its file as `source`). The files must name the same model hash and N, or they are refused."""
+    remembers its file as `source`). The files must name the same model hash and Inception N, or they are refused;
+    rows measured at another classifier N than the first file's lose their classifier metrics (not comparable)."""
     t = None
     for path in paths:
         res = json.loads(Path(path).read_text())
@@ -172,7 +173,9 @@ def load_teacher_results(paths: list[str]) -> dict:
         if t is None:
             t = {**res, "rows": rows, "sources": [path]}
             continue
-        for key in ("model_sha256", "n", "n_inception"):
+        if res.get("n") != t.get("n"):
+            rows = [{k: v for k, v in r.items() if not k.startswith("class")} for r in rows]
+        for key in ("model_sha256", "n_inception"):
             if res.get(key) != t.get(key):
                 raise ValueError(f"{path}: {key} {res.get(key)!r} differs from {paths[0]}'s {t.get(key)!r}: "
                                  f"teacher results must be of one model at one N")
@@ -234,7 +237,7 @@ def main(argv=None) -> int:
         q = json.loads(Path(qpath).read_text())
         r = q["rows"][0]
         bud = _budget(Path(run_dir)) if run_dir else dict(earlier.get(name) or {})
-        if bud.get("init_from") and earlier.get(name):
+        if run_dir and bud.get("init_from") and earlier.get(name):  # a carried budget is already chained
             bud["before"] = earlier[name]
         rows.append({"name": name, "nfe": 1, **{k: r.get(k) for k in metric_keys}, "budget": bud, "model": q["model"],
                      "command": q.get("run", {}).get("command"),

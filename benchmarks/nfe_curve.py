@@ -54,12 +54,17 @@ def merge(results: list[tuple[str, str]], metric: str) -> dict:
     return models
 
 
+def _unit(scale: float) -> str:
+    """' x1e3' for values shown multiplied by 1000 (the convention of the results tables)."""
+    return "" if scale == 1 else (" x1e3" if scale == 1000 else f" x{scale:g}")
+
+
 def _fmt(v, std, scale) -> str:
     return f"{v * scale:.2f}" + ("" if std is None else f" ± {std * scale:.2f}")
 
 
 def to_markdown(models: dict, metric: str, title: str, scale: float, note: str, command: str) -> str:
-    unit = f" x{1 / scale:g}" if scale != 1 else ""
+    unit = _unit(scale)
     lines = [f"# {title}", "", f"Metric: `{metric}`{unit}, from the `benchmarks.quality` results named below "
              f"(same seeds and class-balanced labels for every row). {note}".rstrip(), ""]
     for label, m in models.items():
@@ -95,9 +100,8 @@ def plot(models: dict, metric: str, title: str, scale: float, path: Path) -> Non
             ax.errorbar(xs, ys, yerr=errs, fmt="o-", capsize=3, label=f"{label}: {sampler}")
         b = m["best"]
         ax.plot([b["nfe"]], [b["value"] * scale], "k*", markersize=12)
-    ax.set_xscale("log")
     ax.set_xlabel("NFE (network evaluations per image)")
-    ax.set_ylabel(f"{metric}{f' x{1 / scale:g}' if scale != 1 else ''}")
+    ax.set_ylabel(f"{metric}{_unit(scale)}")
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)

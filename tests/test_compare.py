@@ -95,6 +95,26 @@ def test_teacher_results_join_and_the_best_row_sets_the_ratio(tmp_path):
     assert "teacher, best (euler 16 NFE)" in rows
     assert abs(rows["sid"]["kid_vs_teacher_best"] - 1.5) < 1e-9
     assert rows["teacher, best (euler 16 NFE)"]["grid"] == "t16-grids/grid-euler-16.png"
+    assert rows["teacher, best (euler 16 NFE)"]["classifier_kid"] == 5.0
+    t16n = tmp_path / "t16n.json"  # classifier metrics at another N: not shown
+    t16n.write_text(json.dumps({**json.loads(t16.read_text()), "n": 50}))
+    assert compare.main(["--teacher", str(t9), "--teacher", str(t16n), "--out", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "students.json").read_text())["rows"]}
+    assert rows["teacher, best (euler 16 NFE)"]["classifier_kid"] is None
     other = tmp_path / "o.json"
     other.write_text(json.dumps({**json.loads(t16.read_text()), "n_inception": 50}))
     assert compare.main(["--teacher", str(t9), "--teacher", str(other), "--out", str(out)]) == 2
+
+
+def test_a_carried_continued_budget_is_not_chained_twice(tmp_path):
+    teacher = _quality(tmp_path / "t.json", "teacher.safetensors", 0.015, nfe=17, sampler="heun", steps=9)
+    gpu = {"iterations": 1200, "batch": 128, "kimg": 153.6, "train_seconds": 480.0, "device": "NVIDIA H200"}
+    cpu = {"iterations": 2000, "batch": 32, "kimg": 64.0, "train_seconds": 4800.0, "device": "cpu",
+           "init_from": "artifacts/old-sid.safetensors", "before": gpu}
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"rows": [{"name": "sid", "budget": cpu}]}))
+    assert compare.main(["--teacher", str(teacher), "--student",
+                         f"sid={_quality(tmp_path / 's.json', 'sid.safetensors', 0.014)}", "--budgets", str(earlier),
+                         "--out", str(tmp_path / "students")]) == 0
+    row = next(line for line in (tmp_path / "students.md").read_text().splitlines() if line.startswith("| sid "))
+    assert row.count("2000 it x 32") == 1 and "1200 it x 128" in row

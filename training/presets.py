@@ -330,6 +330,19 @@ PRESETS["fmnist-denoising-student-attn"] = RunConfig(
                       metric_samples=1000, seed=0, num_threads=2))
 
 
+# SiD continued once more on 2 CPU cores, from the served student (artifacts/fmnist-student.safetensors, 293 kimg in
+# all; its fake score and optimizer state were not kept): the generator starts from it, the fake score from the
+# teacher again (150 iterations alone), the main EMA restarts from the student. Run after the teacher's best-NFE KID
+# turned out to be 7.80 (Euler 16, benchmarks/results/teacher_attn_quality_euler16.md), not 15.57 (Heun 9).
+PRESETS["fmnist-sid-attn-continue2"] = RunConfig(
+    method="sid", teacher=ATTN_TEACHER,
+    method_cfg=SiDConfig(alpha=1.2, fake_warmup=150, init_from="artifacts/fmnist-student.safetensors",
+                         optim_generator=OptimConfig(lr=5e-5, betas=(0.0, 0.999)),
+                         optim_fake=OptimConfig(lr=5e-5, betas=(0.0, 0.999))),
+    train=TrainConfig(steps=1600, batch_size=32, ema_decay=0.999, extra_ema_sigma_rels=(0.05, 0.10),
+                      clip_grad_norm=1.0, log_every=25, ckpt_every=100, snapshot_every=250, sample_every=500,
+                      metric_every=0, seed=3, num_threads=2))
+
 # SiD onto the stronger teacher: the 1204-kimg attention teacher trained on one GPU (Inception KID 12.63 at Heun 9,
 # 10.16 at Euler 8: benchmarks/results/teacher_attn_gpu_nfe.md). The generator starts from the served SiD student
 # (a student of the 532-kimg teacher, artifacts/fmnist-student.safetensors), the fake score from the new teacher,
