@@ -70,7 +70,8 @@ PRESETS: dict[str, RunConfig] = {
     # The attention teacher's annealing phase, which made the shipped ATTN_TEACHER: warm-started from the 404-kimg
     # attention teacher (its EMA weights; Adam starts fresh, hence the warm-up), then the learning rate falls along a
     # cosine to zero over 2000 iterations x 64 = 128 kimg (532 kimg in all); ~86 min on 2 CPU cores. Reaches
-    # Inception KID 15.57 +- 0.74 x1e-3, FID 33.44 at N=2000, Heun 9 (17 NFE); benchmarks/results/teacher_attn.md.
+    # Inception KID 7.80 +- 0.48 x1e-3, FID 23.61 at N=2000 at its best measured NFE (Euler 16), 15.57 at Heun 9 (17 NFE,
+    # not converged); benchmarks/results/teacher_attn.md, teacher_nfe.md.
     "fmnist-teacher-attn-anneal": RunConfig(
         method="edm-teacher", data="fashion-mnist",
         method_cfg=EDMTeacherConfig(unet=FMNIST_UNET_ATTN, grid_steps=8, init_from=ATTN_TEACHER_404,
@@ -219,7 +220,8 @@ PRESETS["fmnist-adv-kd-small"] = _variant("fmnist-adv-kd", width=16)
 # SIGTERM after a fixed time (each saves its state and exports on the way out); `steps` is a ceiling that is not
 # reached, so every learning rate is constant after its warm-up (power-function EMAs stand in for annealing).
 # Reached with 620 s each, all seven sharing one H200 (benchmarks/results/students_attn_gpu.md, Inception KID x1e3 at
-# N=2000; the teacher's is 15.57): teacher trained on 12.63 (Heun 9, 1204 kimg in all), SFERD 16.70, SiD 18.09
+# N=2000; the teacher's best is 7.80 at Euler 16, 15.57 at Heun 9): teacher trained on 6.63 at Euler 16, 12.63 at
+# Heun 9 (1204 kimg in all; benchmarks/results/teacher_nfe.md), SFERD 16.70, SiD 18.09
 # (156 kimg; the shipped student), SiDA 19.00, Denoising Student 28.22, EMD 37.60 (95 kimg), Adv-KD noise (its final
 # stage had 457 iterations). To reproduce a budget exactly: --set train.steps=<the iterations reached there>.
 GPU_TRAIN = TrainConfig(steps=1_000_000, batch_size=128, ema_decay=0.999, extra_ema_sigma_rels=(0.05, 0.10),
@@ -302,7 +304,7 @@ PRESETS["fmnist-adv-kd-attn-long"] = RunConfig(
 # from the teacher; 200 fake-score warm-up iterations (~0.85 s each), then ~5.1 s per iteration (K = 4 Langevin steps,
 # each a teacher and a fake-score pass plus a vector-Jacobian product through the generator), measured on 2 AMD EPYC
 # cores with torch 2.13. Snapshots every 250 iterations give the KID-vs-kimg curve. Reached (109 min): Inception KID
-# 35.83 +- 0.91 x1e-3, FID 58.82 at N=2000 (benchmarks/results/student_attn_emd_cpu.md; the teacher is 15.57).
+# 35.83 +- 0.91 x1e-3, FID 58.82 at N=2000 (benchmarks/results/student_attn_emd_cpu.md; the teacher's best is 7.80).
 PRESETS["fmnist-emd-attn"] = RunConfig(
     method="emd", teacher=ATTN_TEACHER,
     method_cfg=EMDConfig(K=4, step_eps=0.2, step_z=0.005, noise_cancellation=True, noise_levels="vp",
@@ -334,6 +336,9 @@ PRESETS["fmnist-denoising-student-attn"] = RunConfig(
 # all; its fake score and optimizer state were not kept): the generator starts from it, the fake score from the
 # teacher again (150 iterations alone), the main EMA restarts from the student. Run after the teacher's best-NFE KID
 # turned out to be 7.80 (Euler 16, benchmarks/results/teacher_attn_quality_euler16.md), not 15.57 (Heun 9).
+# Reached: stopped by SIGTERM at iteration 1232 (1082 generator iterations, 39.4 kimg, 62 minutes at ~3.2 s/it on a
+# slower host): main EMA Inception KID 10.19 +- 0.62 x1e-3, FID 29.22 at N=2000, worse than the student it started
+# from (9.13; benchmarks/results/student_attn_sid_cpu_continue2.md): not shipped. To reproduce: --set train.steps=1232.
 PRESETS["fmnist-sid-attn-continue2"] = RunConfig(
     method="sid", teacher=ATTN_TEACHER,
     method_cfg=SiDConfig(alpha=1.2, fake_warmup=150, init_from="artifacts/fmnist-student.safetensors",
@@ -346,7 +351,8 @@ PRESETS["fmnist-sid-attn-continue2"] = RunConfig(
 # SiD onto the stronger teacher: the 1204-kimg attention teacher trained on one GPU (Inception KID 12.63 at Heun 9,
 # 10.16 at Euler 8: benchmarks/results/teacher_attn_gpu_nfe.md). The generator starts from the served SiD student
 # (a student of the 532-kimg teacher, artifacts/fmnist-student.safetensors), the fake score from the new teacher,
-# trained alone for 150 iterations to catch up; then SiD as in fmnist-sid-attn-continue, on 2 CPU cores.
+# trained alone for 150 iterations to catch up; then SiD as in fmnist-sid-attn-continue, on 2 CPU cores. Not run
+# yet: no number is claimed for it.
 GPU_ATTN_TEACHER = "artifacts/fmnist-teacher-attn-gpu.safetensors"
 PRESETS["fmnist-sid-attn-gpu-teacher"] = RunConfig(
     method="sid", teacher=GPU_ATTN_TEACHER,
