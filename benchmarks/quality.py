@@ -152,10 +152,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--guidance", type=float, default=1.0,
                     help="sample a teacher with SFERD's attention guidance eps_deg + w (eps - eps_deg) (1 = off)")
     ap.add_argument("--blur-sigma", type=float, default=3.0, help="blur of the attention guidance")
-    ap.add_argument("--s-churn", type=float, default=40.0, help="heun-sde points (EDM Algorithm 2): S_churn")
-    ap.add_argument("--s-tmin", type=float, default=0.05, help="heun-sde: lowest sigma that gets churn")
-    ap.add_argument("--s-tmax", type=float, default=50.0, help="heun-sde: highest sigma that gets churn")
-    ap.add_argument("--s-noise", type=float, default=1.003, help="heun-sde: noise inflation S_noise")
+    from onestep.samplers import add_churn_arguments
+
+    add_churn_arguments(ap)
 
 
 def run(args) -> int:
@@ -167,9 +166,9 @@ def run(args) -> int:
     points = parse_points(args.points)
     inc_points = parse_points(args.inception_points)
     out = Path(args.out)
-    from onestep.samplers import Churn
+    from onestep.samplers import churn_from_args
 
-    churn = Churn(args.s_churn, args.s_tmin, args.s_tmax, args.s_noise)
+    churn = churn_from_args(args)
     res = evaluate(args.model, points, args.n, inc_points, args.n_inception, grid_dir=Path(f"{out}-grids"),
                    guidance=args.guidance, blur_sigma=args.blur_sigma, churn=churn)
     res["run"] = {"command": " ".join(["onestep" if sys.argv[0].endswith("onestep") else "python -m benchmarks.quality"]

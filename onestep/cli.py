@@ -107,7 +107,7 @@ def cmd_sample(args) -> int:
     from onestep.data import to_uint8
     from onestep.images import save_grid
     from onestep.noise import parse_seeds, seeded_noise, seeded_noise_steps
-    from onestep.samplers import Churn, diffusers_noise, sample, sample_onestep
+    from onestep.samplers import churn_from_args, diffusers_noise, sample, sample_onestep
 
     model, meta = load_teacher(args.model) if Path(args.model).is_dir() else load_model(args.model)
     seeds = parse_seeds(args.seeds)
@@ -127,7 +127,7 @@ def cmd_sample(args) -> int:
     sampler = args.sampler or ("ddim" if args.noise_convention == "diffusers" else "heun")
     sde = {}
     if sampler == "heun-sde":
-        sde = {"churn": Churn(args.s_churn, args.s_tmin, args.s_tmax, args.s_noise),
+        sde = {"churn": churn_from_args(args),
                "churn_noise": torch.from_numpy(seeded_noise_steps(seeds, shape, args.steps))}
     with torch.no_grad():
         if is_denoiser:
@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list named presets")
     p.set_defaults(fn=cmd_presets)
 
+    from onestep.samplers import add_churn_arguments
+
     p = sub.add_parser("sample", help="sample images from a teacher or student checkpoint")
     p.add_argument("--model", required=True, help="checkpoint (.safetensors with JSON sidecar) or a diffusers folder")
     p.add_argument("--seeds", default="0-39", help="e.g. 0-39 or 1,5,9")
@@ -213,10 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, choices=["heun", "heun-sde", "euler", "ddim"],
                    help="default heun (ddim with --noise-convention diffusers); heun-sde: EDM's stochastic sampler "
                         "(Algorithm 2), its per-step noise drawn from each image's seed")
-    p.add_argument("--s-churn", type=float, default=40.0, help="heun-sde: S_churn (EDM Algorithm 2)")
-    p.add_argument("--s-tmin", type=float, default=0.05, help="heun-sde: lowest sigma that gets churn")
-    p.add_argument("--s-tmax", type=float, default=50.0, help="heun-sde: highest sigma that gets churn")
-    p.add_argument("--s-noise", type=float, default=1.003, help="heun-sde: noise inflation S_noise")
+    add_churn_arguments(p)
     p.add_argument("--steps", type=int, default=18)
     p.add_argument("--schedule", default=None,
                    help="karras (default) | loglinear | ddim-uniform | ddim-quadratic | ddim-trailing")

@@ -178,6 +178,19 @@ class Churn:
         return np.array([g if self.S_tmin <= s <= self.S_tmax else 0.0 for s in sigmas[:-1]])
 
 
+def add_churn_arguments(ap) -> None:
+    """--s-churn/--s-tmin/--s-tmax/--s-noise on an argparse parser, defaults those of `Churn`."""
+    d = Churn()
+    ap.add_argument("--s-churn", type=float, default=d.S_churn, help="heun-sde (EDM Algorithm 2): S_churn")
+    ap.add_argument("--s-tmin", type=float, default=d.S_tmin, help="heun-sde: lowest sigma that gets churn")
+    ap.add_argument("--s-tmax", type=float, default=d.S_tmax, help="heun-sde: highest sigma that gets churn")
+    ap.add_argument("--s-noise", type=float, default=d.S_noise, help="heun-sde: noise inflation S_noise")
+
+
+def churn_from_args(args) -> Churn:
+    return Churn(args.s_churn, args.s_tmin, args.s_tmax, args.s_noise)
+
+
 def churn_noise_shape(n_samples: int, steps: int, shape) -> tuple[int, ...]:
     """The shape of `sample_heun_sde`'s churn_noise: one unit-normal image per sample and step."""
     return (n_samples, steps, *shape)
