@@ -348,20 +348,14 @@ PRESETS["fmnist-sid-attn-continue2"] = RunConfig(
                       clip_grad_norm=1.0, log_every=25, ckpt_every=100, snapshot_every=250, sample_every=500,
                       metric_every=0, seed=3, num_threads=2))
 
-# SiD onto the stronger teacher: the 1204-kimg attention teacher trained on one GPU (Inception KID 12.63 at Heun 9,
-# 10.16 at Euler 8: benchmarks/results/teacher_attn_gpu_nfe.md). The generator starts from the served SiD student
-# (a student of the 532-kimg teacher, artifacts/fmnist-student.safetensors), the fake score from the new teacher,
-# trained alone for 150 iterations to catch up; then SiD as in fmnist-sid-attn-continue, on 2 CPU cores. Not run
-# yet: no number is claimed for it.
+# SiD onto the stronger teacher: the 1204-kimg attention teacher trained on one GPU (Inception KID 6.63 at Euler 16,
+# 12.63 at Heun 9: benchmarks/results/teacher_nfe.md). The recipe of fmnist-sid-attn-continue2 (generator from the
+# served SiD student, a student of the 532-kimg teacher; fake score from the new teacher, 150 iterations alone) with
+# the new teacher. Not run yet: no number is claimed for it.
 GPU_ATTN_TEACHER = "artifacts/fmnist-teacher-attn-gpu.safetensors"
-PRESETS["fmnist-sid-attn-gpu-teacher"] = RunConfig(
-    method="sid", teacher=GPU_ATTN_TEACHER,
-    method_cfg=SiDConfig(alpha=1.2, fake_warmup=150, init_from="artifacts/fmnist-student.safetensors",
-                         optim_generator=OptimConfig(lr=5e-5, betas=(0.0, 0.999)),
-                         optim_fake=OptimConfig(lr=5e-5, betas=(0.0, 0.999))),
-    train=TrainConfig(steps=1200, batch_size=32, ema_decay=0.999, extra_ema_sigma_rels=(0.05, 0.10),
-                      clip_grad_norm=1.0, log_every=25, ckpt_every=100, snapshot_every=250, sample_every=500,
-                      metric_every=0, seed=2, num_threads=2))
+PRESETS["fmnist-sid-attn-gpu-teacher"] = replace(
+    PRESETS["fmnist-sid-attn-continue2"], teacher=GPU_ATTN_TEACHER,
+    train=replace(PRESETS["fmnist-sid-attn-continue2"].train, steps=1200, seed=2))
 
 
 def get_preset(name: str) -> RunConfig:
