@@ -339,14 +339,10 @@ PRESETS["fmnist-denoising-student-attn"] = RunConfig(
 # Reached: stopped by SIGTERM at iteration 1232 (1082 generator iterations, 39.4 kimg, 62 minutes at ~3.2 s/it on a
 # slower host): main EMA Inception KID 10.19 +- 0.62 x1e-3, FID 29.22 at N=2000, worse than the student it started
 # from (9.13; benchmarks/results/student_attn_sid_cpu_continue2.md): not shipped. To reproduce: --set train.steps=1232.
-PRESETS["fmnist-sid-attn-continue2"] = RunConfig(
-    method="sid", teacher=ATTN_TEACHER,
-    method_cfg=SiDConfig(alpha=1.2, fake_warmup=150, init_from="artifacts/fmnist-student.safetensors",
-                         optim_generator=OptimConfig(lr=5e-5, betas=(0.0, 0.999)),
-                         optim_fake=OptimConfig(lr=5e-5, betas=(0.0, 0.999))),
-    train=TrainConfig(steps=1600, batch_size=32, ema_decay=0.999, extra_ema_sigma_rels=(0.05, 0.10),
-                      clip_grad_norm=1.0, log_every=25, ckpt_every=100, snapshot_every=250, sample_every=500,
-                      metric_every=0, seed=3, num_threads=2))
+_SID_CONTINUE = PRESETS["fmnist-sid-attn-continue"]
+PRESETS["fmnist-sid-attn-continue2"] = replace(
+    _SID_CONTINUE, method_cfg=replace(_SID_CONTINUE.method_cfg, init_from="artifacts/fmnist-student.safetensors"),
+    train=replace(_SID_CONTINUE.train, steps=1600, seed=3))
 
 # SiD onto the stronger teacher: the 1204-kimg attention teacher trained on one GPU (Inception KID 6.63 at Euler 16,
 # 12.63 at Heun 9: benchmarks/results/teacher_nfe.md). The recipe of fmnist-sid-attn-continue2 (generator from the
