@@ -332,6 +332,16 @@ PRESETS["fmnist-denoising-student-attn"] = RunConfig(
                       metric_samples=1000, seed=0, num_threads=2))
 
 
+# The same Denoising Student recipe with targets from the teacher's converged sampler: Euler 16 on the Karras grid
+# (16 NFE, Inception KID 7.80 for this teacher against 15.57 at Heun 9; benchmarks/results/teacher_nfe.md). Luhman &
+# Luhman's student can only be as good as its pairs, so this isolates what the Heun-9 targets cost. Not run to the end
+# yet: no number is claimed for it.
+_DS_ATTN = PRESETS["fmnist-denoising-student-attn"]
+PRESETS["fmnist-denoising-student-attn-euler16"] = replace(
+    _DS_ATTN, method_cfg=replace(_DS_ATTN.method_cfg, cache_dir="runs/pairs-attn-euler16-15k", teacher_sampler="euler",
+                                 teacher_steps=16))
+
+
 # SiD continued once more on 2 CPU cores, from the served student (artifacts/fmnist-student.safetensors, 293 kimg in
 # all; its fake score and optimizer state were not kept): the generator starts from it, the fake score from the
 # teacher again (150 iterations alone), the main EMA restarts from the student. Run after the teacher's best-NFE KID
