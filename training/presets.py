@@ -334,8 +334,11 @@ PRESETS["fmnist-denoising-student-attn"] = RunConfig(
 
 # The same Denoising Student recipe with targets from the teacher's converged sampler: Euler 16 on the Karras grid
 # (16 NFE, Inception KID 7.80 for this teacher against 15.57 at Heun 9; benchmarks/results/teacher_nfe.md). Luhman &
-# Luhman's student can only be as good as its pairs, so this isolates what the Heun-9 targets cost. Not run to the end
-# yet: no number is claimed for it.
+# Luhman's student can only be as good as its pairs, so this isolates what the Heun-9 targets cost. Reached: 15000
+# pairs in 41 minutes (~0.16 s each), then stopped by SIGTERM at iteration 2520 (161 kimg, 64 training minutes at
+# ~1.5 s/iteration): Inception KID 14.99 +- 0.69 x1e-3, FID 32.45 at N=2000 (model-best; benchmarks/results/
+# student_attn_denoising_student_euler16.md), against 28.47 with the Heun-9 pairs at the same budget. To reproduce
+# that budget: --set train.steps=2520.
 _DS_ATTN = PRESETS["fmnist-denoising-student-attn"]
 PRESETS["fmnist-denoising-student-attn-euler16"] = replace(
     _DS_ATTN, method_cfg=replace(_DS_ATTN.method_cfg, cache_dir="runs/pairs-attn-euler16-15k", teacher_sampler="euler",
