@@ -345,6 +345,20 @@ PRESETS["fmnist-denoising-student-attn-euler16"] = replace(
                                  teacher_steps=16))
 
 
+# SFERD on 2 CPU cores with its attention-guided pairs from Euler 16 (the GPU recipe's Euler 8 is not converged for
+# this teacher: Inception KID 10.16 at Euler 8 vs 6.63 at Euler 16 for the 1204-kimg teacher, teacher_nfe.md); the
+# guidance (w 1.3, blur 3) and the student as in fmnist-sferd-attn-gpu, the training schedule of the CPU Denoising
+# Student run above. Each guided teacher step costs two teacher passes: measured ~2.7 pairs/s on 2 AMD EPYC cores, so
+# the 15000 pairs take ~92 minutes (resumable shard by shard), before ~64 minutes of training. Not run to the end yet:
+# no number is claimed for it.
+PRESETS["fmnist-sferd-attn-euler16"] = RunConfig(
+    method="sferd", teacher=ATTN_TEACHER,
+    method_cfg=replace(PRESETS["fmnist-sferd-attn-gpu"].method_cfg, cache_dir="runs/pairs-attn-euler16-ag1.3-15k",
+                       n_pairs=15_000, cache_batch=250, teacher_steps=16,
+                       optim=OptimConfig(lr=2e-4, warmup_steps=500)),
+    train=_DS_ATTN.train)
+
+
 # SiD continued once more on 2 CPU cores, from the served student (artifacts/fmnist-student.safetensors, 293 kimg in
 # all; its fake score and optimizer state were not kept): the generator starts from it, the fake score from the
 # teacher again (150 iterations alone), the main EMA restarts from the student. Run after the teacher's best-NFE KID
@@ -356,6 +370,15 @@ _SID_CONTINUE = PRESETS["fmnist-sid-attn-continue"]
 PRESETS["fmnist-sid-attn-continue2"] = replace(
     _SID_CONTINUE, method_cfg=replace(_SID_CONTINUE.method_cfg, init_from="artifacts/fmnist-student.safetensors"),
     train=replace(_SID_CONTINUE.train, steps=1600, seed=3))
+
+# SiD continued a third time on 2 CPU cores from the served student (9.13), with a longer fake-score warm-up: in
+# continue2 the fake score, restarted from the teacher, had 150 iterations alone to learn the student's distribution
+# and the student came out worse (10.19 after 39.4 kimg). Here 600 warm-up iterations (~0.85 s each), then 2600
+# generator iterations (~2.4 s each, 83 kimg): ~113 minutes on both cores, snapshots every 500 iterations.
+PRESETS["fmnist-sid-attn-continue3"] = replace(
+    _SID_CONTINUE, method_cfg=replace(_SID_CONTINUE.method_cfg, init_from="artifacts/fmnist-student.safetensors",
+                                      fake_warmup=600),
+    train=replace(_SID_CONTINUE.train, steps=3200, snapshot_every=500, seed=4))
 
 # SiD onto the stronger teacher: the 1204-kimg attention teacher trained on one GPU (Inception KID 6.63 at Euler 16,
 # 12.63 at Heun 9: benchmarks/results/teacher_nfe.md). The recipe of fmnist-sid-attn-continue2 (generator from the
