@@ -359,8 +359,8 @@ PRESETS["fmnist-sferd-attn-euler16"] = RunConfig(
     train=_DS_ATTN.train)
 
 
-# SiD continued once more on 2 CPU cores, from the served student (artifacts/fmnist-student.safetensors, 293 kimg in
-# all; its fake score and optimizer state were not kept): the generator starts from it, the fake score from the
+# SiD continued once more on 2 CPU cores, from the then served student (now artifacts/fmnist-student-sid-4300, 293 kimg
+# in all; its fake score and optimizer state were not kept): the generator starts from it, the fake score from the
 # teacher again (150 iterations alone), the main EMA restarts from the student. Run after the teacher's best-NFE KID
 # turned out to be 7.80 (Euler 16, benchmarks/results/teacher_attn_quality_euler16.md), not 15.57 (Heun 9).
 # Reached: stopped by SIGTERM at iteration 1232 (1082 generator iterations, 39.4 kimg, 62 minutes at ~3.2 s/it on a
@@ -368,22 +368,27 @@ PRESETS["fmnist-sferd-attn-euler16"] = RunConfig(
 # from (9.13; benchmarks/results/student_attn_sid_cpu_continue2.md): not shipped. To reproduce: --set train.steps=1232.
 _SID_CONTINUE = PRESETS["fmnist-sid-attn-continue"]
 PRESETS["fmnist-sid-attn-continue2"] = replace(
-    _SID_CONTINUE, method_cfg=replace(_SID_CONTINUE.method_cfg, init_from="artifacts/fmnist-student.safetensors"),
+    _SID_CONTINUE,
+    method_cfg=replace(_SID_CONTINUE.method_cfg, init_from="artifacts/fmnist-student-sid-4300.safetensors"),
     train=replace(_SID_CONTINUE.train, steps=1600, seed=3))
 
-# SiD continued a third time on 2 CPU cores from the served student (9.13), with a longer fake-score warm-up: in
+# SiD continued a third time on 2 CPU cores from the same student (9.13), with a longer fake-score warm-up: in
 # continue2 the fake score, restarted from the teacher, had 150 iterations alone to learn the student's distribution
-# and the student came out worse (10.19 after 39.4 kimg). Here 600 warm-up iterations (~0.85 s each), then 2600
-# generator iterations (~2.4 s each, 83 kimg): ~113 minutes on both cores, snapshots every 500 iterations.
+# and the student came out worse (10.19 after 39.4 kimg). Here 600 warm-up iterations (~1 s each), then generator
+# iterations (~3.3 s each on the host that ran it), snapshots every 500 iterations.
+# Reached: stopped by SIGTERM at iteration 2351 (1751 generator iterations, 75.2 kimg, 117 minutes): main EMA
+# Inception KID 8.52 +- 0.45 x1e-3, FID 27.05 at N=2000 (10.90 at iteration 1000: the early drop of continue2, then
+# recovered; benchmarks/results/student_attn_sid_cpu_continue3*.md). The served student since
+# (artifacts/fmnist-student.safetensors, fp16). To reproduce: --set train.steps=2351.
 PRESETS["fmnist-sid-attn-continue3"] = replace(
-    _SID_CONTINUE, method_cfg=replace(_SID_CONTINUE.method_cfg, init_from="artifacts/fmnist-student.safetensors",
-                                      fake_warmup=600),
+    _SID_CONTINUE, method_cfg=replace(_SID_CONTINUE.method_cfg, fake_warmup=600,
+                                      init_from="artifacts/fmnist-student-sid-4300.safetensors"),
     train=replace(_SID_CONTINUE.train, steps=3200, snapshot_every=500, seed=4))
 
 # SiD onto the stronger teacher: the 1204-kimg attention teacher trained on one GPU (Inception KID 6.63 at Euler 16,
 # 12.63 at Heun 9: benchmarks/results/teacher_nfe.md). The recipe of fmnist-sid-attn-continue2 (generator from the
-# served SiD student, a student of the 532-kimg teacher; fake score from the new teacher, 150 iterations alone) with
-# the new teacher. Not run yet: no number is claimed for it.
+# SiD student of 293 kimg, a student of the 532-kimg teacher; fake score from the new teacher, 150 iterations
+# alone) with the new teacher. Not run yet: no number is claimed for it.
 GPU_ATTN_TEACHER = "artifacts/fmnist-teacher-attn-gpu.safetensors"
 PRESETS["fmnist-sid-attn-gpu-teacher"] = replace(
     PRESETS["fmnist-sid-attn-continue2"], teacher=GPU_ATTN_TEACHER,
