@@ -36,7 +36,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from onestep.images import encode_image
@@ -152,17 +152,19 @@ def request_model(max_images: int, models: dict) -> type[BaseModel]:
 
     class GenerateRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", json_schema_extra=extra)
+        # StrictInt: JSON true/false and "3" are not integers (lax ints would read false as seed 0)
 
         model: str = Field(..., description="served model name (GET /v1/models)", min_length=1, max_length=64,
                            pattern=r"^[a-z0-9][a-z0-9_\-]*$")
-        n: int = Field(None, ge=1, le=max_images,
-                       description="number of images (seeds seed..seed+n-1); default 1. Not with seeds")
-        seed: int = Field(None, ge=0, le=first_seed_max, description="first seed (default 0). Not with seeds")
-        seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(
+        n: StrictInt = Field(None, ge=1, le=max_images,
+                             description="number of images (seeds seed..seed+n-1); default 1. Not with seeds")
+        seed: StrictInt = Field(None, ge=0, le=first_seed_max, description="first seed (default 0). Not with seeds")
+        seeds: list[Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]] = Field(
             None, min_length=1, max_length=max_images, description="explicit seeds, one image each")
-        label: int = Field(None, ge=0, description="class label for every image (below the model's num_classes; "
-                                                    "not for unconditional models). Not with labels")
-        labels: list[Annotated[int, Field(ge=0)]] = Field(
+        label: StrictInt = Field(None, ge=0,
+                                 description="class label for every image (below the model's num_classes; "
+                                             "not for unconditional models). Not with labels")
+        labels: list[Annotated[StrictInt, Field(ge=0)]] = Field(
             None, min_length=1, max_length=max_images, description="one class label per image (as many as images)")
         format: Literal["png", "jpeg", "webp", "raw"] = "png"
         response: Literal["json", "image"] = Field(

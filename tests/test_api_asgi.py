@@ -258,3 +258,14 @@ def test_url_path_is_the_one_starlette_reports(path):
     scope = {"type": "http", "method": "GET", "path": path, "query_string": b"", "headers": [(b"host", b"api.test")],
              "scheme": "http", "server": ("127.0.0.1", 8000)}
     assert _url_path(path) == Request(scope).url.path
+
+
+@pytest.mark.parametrize("field, value", [("seed", False), ("seed", True), ("n", True), ("seed", "3"),
+                                          ("label", False), ("seeds", [0, True]), ("labels", ["1"]), ("n", 2.5)])
+def test_integer_fields_refuse_booleans_and_strings(field, value):
+    """JSON true/false and "3" are not integers: a lax int would read `"seed": false` as seed 0."""
+    app = _app()
+    extra = {"labels": [0, 1]} if field == "seeds" else ({"seeds": [0]} if field == "labels" else {})
+    status, _, raw = call(app, "POST", "/v1/generate", [], json_body={"model": "tiny", field: value, **extra})
+    assert status == 422, raw
+    assert field in json.dumps(json.loads(raw)["detail"])
