@@ -36,7 +36,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from onestep.images import encode_image
@@ -139,6 +139,16 @@ def server_timing(ms: dict[str, float]) -> str:
     return ", ".join(f"{k};dur={v:.3f}" for k, v in ms.items())
 
 
+def _json_integer(value):
+    """JSON Schema's integer: 3 and 3.0 are, true/false and "3" are not (a lax int would read false as 0)."""
+    if isinstance(value, (bool, str, bytes)):
+        raise ValueError("must be a JSON integer, not a boolean or a string")
+    return value
+
+
+JSONInt = Annotated[int, BeforeValidator(_json_integer)]
+
+
 def request_model(max_images: int, models: dict) -> type[BaseModel]:
     """The request body type of one app: its bounds (max_images, the served models) are in the schema."""
     first_seed_max = MAX_SEED - max_images + 1
@@ -152,19 +162,18 @@ def request_model(max_images: int, models: dict) -> type[BaseModel]:
 
     class GenerateRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", json_schema_extra=extra)
-        # StrictInt: JSON true/false and "3" are not integers (lax ints would read false as seed 0)
 
         model: str = Field(..., description="served model name (GET /v1/models)", min_length=1, max_length=64,
                            pattern=r"^[a-z0-9][a-z0-9_\-]*$")
-        n: StrictInt = Field(None, ge=1, le=max_images,
+        n: JSONInt = Field(None, ge=1, le=max_images,
                              description="number of images (seeds seed..seed+n-1); default 1. Not with seeds")
-        seed: StrictInt = Field(None, ge=0, le=first_seed_max, description="first seed (default 0). Not with seeds")
-        seeds: list[Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]] = Field(
+        seed: JSONInt = Field(None, ge=0, le=first_seed_max, description="first seed (default 0). Not with seeds")
+        seeds: list[Annotated[JSONInt, Field(ge=0, le=MAX_SEED)]] = Field(
             None, min_length=1, max_length=max_images, description="explicit seeds, one image each")
-        label: StrictInt = Field(None, ge=0,
+        label: JSONInt = Field(None, ge=0,
                                  description="class label for every image (below the model's num_classes; "
                                              "not for unconditional models). Not with labels")
-        labels: list[Annotated[StrictInt, Field(ge=0)]] = Field(
+        labels: list[Annotated[JSONInt, Field(ge=0)]] = Field(
             None, min_length=1, max_length=max_images, description="one class label per image (as many as images)")
         format: Literal["png", "jpeg", "webp", "raw"] = "png"
         response: Literal["json", "image"] = Field(

@@ -269,3 +269,11 @@ def test_integer_fields_refuse_booleans_and_strings(field, value):
     status, _, raw = call(app, "POST", "/v1/generate", [], json_body={"model": "tiny", field: value, **extra})
     assert status == 422, raw
     assert field in json.dumps(json.loads(raw)["detail"])
+
+
+def test_integral_floats_are_integers():
+    """JSON Schema counts 9546.0 as an integer: accepted as 9546, like 9546."""
+    from serving.api import request_model
+
+    model = request_model(8, {})
+    assert model(model="tiny", seeds=[1, 9546.0]).seed_list() == [1, 9546]
