@@ -168,12 +168,12 @@ def request_model(max_images: int, models: dict) -> type[BaseModel]:
         n: JSONInt = Field(None, ge=1, le=max_images,
                              description="number of images (seeds seed..seed+n-1); default 1. Not with seeds")
         seed: JSONInt = Field(None, ge=0, le=first_seed_max, description="first seed (default 0). Not with seeds")
-        seeds: list[Annotated[JSONInt, Field(ge=0, le=MAX_SEED)]] = Field(
+        seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(_json_integer)]] = Field(
             None, min_length=1, max_length=max_images, description="explicit seeds, one image each")
         label: JSONInt = Field(None, ge=0,
                                  description="class label for every image (below the model's num_classes; "
                                              "not for unconditional models). Not with labels")
-        labels: list[Annotated[JSONInt, Field(ge=0)]] = Field(
+        labels: list[Annotated[int, Field(ge=0), BeforeValidator(_json_integer)]] = Field(
             None, min_length=1, max_length=max_images, description="one class label per image (as many as images)")
         format: Literal["png", "jpeg", "webp", "raw"] = "png"
         response: Literal["json", "image"] = Field(
