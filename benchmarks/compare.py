@@ -13,6 +13,7 @@ import argparse
 import json
 import shlex
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +212,7 @@ def main(argv=None) -> int:
                     help="an earlier compare JSON: a student given without a run folder takes the budget recorded "
                          "there under its name, and a run folder continued from another student's weights "
                          "(config init) is shown after that recorded budget")
+    ap.add_argument("--note", default=None, help="a paragraph printed under the header (e.g. how budgets were read)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     earlier_res = json.loads(Path(args.budgets).read_text()) if args.budgets else {}
@@ -231,6 +233,7 @@ def main(argv=None) -> int:
             rows.append({"name": label, "nfe": r["nfe"], **{k: r.get(k) for k in metric_keys},
                          "grid": f"{Path(r['source']).stem}-grids/grid-{r['sampler']}-{r['steps']}.png"})
     students = {}
+    cls_n = defaultdict(list)  # (classifier N, its real-vs-real KID) -> the students measured at it
     for spec in args.student:
         name, _, rest = spec.partition("=")
         qpath, _, run_dir = rest.partition(":")
@@ -239,13 +242,15 @@ def main(argv=None) -> int:
         bud = _budget(Path(run_dir)) if run_dir else dict(earlier.get(name) or {})
         if run_dir and bud.get("init_from") and earlier.get(name):  # a carried budget is already chained
             bud["before"] = earlier[name]
+        cls_kid = ((q.get("baselines") or {}).get("classifier") or {}).get("kid")
+        cls_n[(q.get("n"), cls_kid)].append(name)
         rows.append({"name": name, "nfe": 1, **{k: r.get(k) for k in metric_keys}, "budget": bud, "model": q["model"],
                      "command": q.get("run", {}).get("command"),
                      "grid": f"{Path(qpath).stem}-grids/grid-onestep-1.png"})
         students[name] = q["model"]
     res = {"teacher": args.teacher, "baselines": t["baselines"], "n_inception": t["n_inception"], "n": t["n"],
            "command": "python -m benchmarks.compare " + shlex.join(sys.argv[1:] if argv is None else argv),
-           "machine": machine_info(), "rows": rows}
+           "machine": machine_info(), "note": args.note, "rows": rows}
     measured = None
     if args.measure_latency:
         import tempfile
@@ -270,8 +275,12 @@ def main(argv=None) -> int:
     lines = ["# One-step students vs their teacher (Fashion-MNIST 32x32, class-conditional)", "",
              f"Inception FID/KID at N={t['n_inception']} generated vs N real test images; real-vs-real baseline at "
              f"the same N: FID {b['inception']['fid']:.2f}, KID {b['inception']['kid']*1e3:.2f}e-3. Classifier-space "
-             f"KID at N={t['n']} (real-vs-real {b['classifier']['kid']:.2f}; its own scale, not comparable to "
-             f"Inception KID).", ""]
+             f"KID (its own scale, not comparable to Inception KID): teacher rows at N={t['n']} (real-vs-real "
+             f"{b['classifier']['kid']:.2f})"
+             + "".join(f"; {', '.join(names)} at N={n} (real-vs-real {_fmt(kid, '.2f')})" for (n, kid), names in cls_n.items())
+             + ". A '-' is a metric not measured at that N.", ""]
+    if args.note:
+        lines += [args.note, ""]
     if measured:
         from benchmarks.stats import fmt_ci
 
