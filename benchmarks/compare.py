@@ -243,7 +243,7 @@ def main(argv=None) -> int:
         if run_dir and bud.get("init_from") and earlier.get(name):  # a carried budget is already chained
             bud["before"] = earlier[name]
         cls_kid = ((q.get("baselines") or {}).get("classifier") or {}).get("kid")
-        cls_n[(q.get("n"), cls_kid)].append(name)
+        cls_n[(q.get("n"), None if cls_kid is None else round(cls_kid, 2))].append(name)
         rows.append({"name": name, "nfe": 1, **{k: r.get(k) for k in metric_keys}, "budget": bud, "model": q["model"],
                      "command": q.get("run", {}).get("command"),
                      "grid": f"{Path(qpath).stem}-grids/grid-onestep-1.png"})

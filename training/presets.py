@@ -376,14 +376,17 @@ PRESETS["fmnist-sid-attn-continue2"] = replace(
 # continue2 the fake score, restarted from the teacher, had 150 iterations alone to learn the student's distribution
 # and the student came out worse (10.19 after 39.4 kimg). Here 600 warm-up iterations (~1 s each), then generator
 # iterations (~3.3 s each on the host that ran it), snapshots every 500 iterations.
-# Reached: stopped by SIGTERM at iteration 2351 (1751 generator iterations, 75.2 kimg, 117 minutes): main EMA
-# Inception KID 8.52 +- 0.45 x1e-3, FID 27.05 at N=2000 (10.90 at iteration 1000: the early drop of continue2, then
-# recovered; benchmarks/results/student_attn_sid_cpu_continue3*.md). The served student since
-# (artifacts/fmnist-student.safetensors, fp16). To reproduce: --set train.steps=2351.
+# Reached: 4851 iterations (4251 generator iterations, 155.2 kimg, ~240 minutes at ~3 s/it), run in three processes
+# (stopped by SIGTERM at 2351 and 2446, each resumed from the full saved state: generator, fake score, EMAs,
+# optimizers, RNG). Main EMA Inception KID x1e-3 / FID at N=2000: 10.90 / 31.47 at iteration 1000 (the early drop of
+# continue2, then recovered), 8.52 / 27.05 at 2351 (served for a while: artifacts/fmnist-student-sid-2351), 8.03 /
+# 26.72 at 3500, 7.14 +- 0.39 / 25.50 at 4851, below the teacher's best KID (7.80 +- 0.48, Euler 16) and still
+# falling (benchmarks/results/student_attn_sid_cpu_continue3*.md). The served student since
+# (artifacts/fmnist-student.safetensors, fp16).
 PRESETS["fmnist-sid-attn-continue3"] = replace(
     _SID_CONTINUE, method_cfg=replace(_SID_CONTINUE.method_cfg, fake_warmup=600,
                                       init_from="artifacts/fmnist-student-sid-4300.safetensors"),
-    train=replace(_SID_CONTINUE.train, steps=3200, snapshot_every=500, seed=4))
+    train=replace(_SID_CONTINUE.train, steps=4851, snapshot_every=500, seed=4))
 
 # SiD onto the stronger teacher: the 1204-kimg attention teacher trained on one GPU (Inception KID 6.63 at Euler 16,
 # 12.63 at Heun 9: benchmarks/results/teacher_nfe.md). The recipe of fmnist-sid-attn-continue2 (generator from the
