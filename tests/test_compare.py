@@ -118,3 +118,20 @@ def test_a_carried_continued_budget_is_not_chained_twice(tmp_path):
                          "--out", str(tmp_path / "students")]) == 0
     row = next(line for line in (tmp_path / "students.md").read_text().splitlines() if line.startswith("| sid "))
     assert row.count("2000 it x 32") == 1 and "1200 it x 128" in row
+
+
+def test_header_names_each_classifier_n_and_prints_the_note(tmp_path):
+    """Teacher and students measured at different classifier N: the header says which rows are at which N (the
+    old header named the teacher's N for every row); --note lands under it and in the JSON."""
+    teacher = _quality(tmp_path / "t.json", "teacher.safetensors", 0.015, nfe=17, sampler="heun", steps=9)
+    big = tmp_path / "s2000.json"
+    big.write_text(json.dumps({**json.loads(_quality(big, "sid.safetensors", 0.014).read_text()), "n": 2000,
+                               "baselines": {"inception": {"fid": 1.0, "kid": 0.0}, "classifier": {"kid": -0.8726}}}))
+    out = tmp_path / "students"
+    assert compare.main(["--teacher", str(teacher), "--student", f"sid={big}",
+                         "--student", f"emd={_quality(tmp_path / 'e.json', 'emd.safetensors', 0.03)}",
+                         "--note", "Budgets read from logs.", "--out", str(out)]) == 0
+    md = (tmp_path / "students.md").read_text()
+    assert "teacher rows at N=100 (real-vs-real 0.00); sid at N=2000 (real-vs-real -0.87); emd at N=100" in md
+    assert "\nBudgets read from logs.\n" in md
+    assert json.loads((tmp_path / "students.json").read_text())["note"] == "Budgets read from logs."
