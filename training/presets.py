@@ -408,6 +408,10 @@ def get_preset(name: str) -> RunConfig:
 # Its fake score and optimizer state were not kept, so the fake score (and its encoder, the discriminator) starts from
 # the teacher again and trains alone for 600 iterations, as in continue3; then the generator trains on
 # 0.5 SiD + 0.5 GAN at once (the generator is already distilled, so no SiD-only stretch), with SiDA's alpha = 1.0.
+# Reached: stopped by SIGTERM at iteration 2262 (1662 generator iterations, 72.4 kimg, 132 minutes at ~2 s per
+# warm-up and ~4.3 s per full iteration on 2 AMD EPYC cores): main EMA Inception KID 7.63 +- 0.50 x1e-3, FID 26.94 at
+# N=2000 (benchmarks/results/student_attn_sida_from_sid_2262it.md), 0.98x the teacher's best, not better than the SiD
+# student it started from (7.14 +- 0.39): not served. To reproduce that budget: --set train.steps=2262.
 PRESETS["fmnist-sida-attn-from-sid"] = replace(
     PRESETS["fmnist-sid-attn-continue3"], data="fashion-mnist",
     method="sida",
