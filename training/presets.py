@@ -398,13 +398,9 @@ PRESETS["fmnist-sid-attn-gpu-teacher"] = replace(
     train=replace(PRESETS["fmnist-sid-attn-continue2"].train, steps=1200, seed=2))
 
 
-def get_preset(name: str) -> RunConfig:
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]
-
 # SiD²A (SiDA Sec. 4, "SiD-initialised SiDA"): SiDA fine-tuning a pre-distilled SiD generator, here the served SiD
-# student (artifacts/fmnist-student.safetensors, fmnist-sid-attn-continue3 at 4851 iterations, Inception KID 7.14).
+# student (artifacts/fmnist-student.safetensors: continue3 at 4851 iterations, KID 7.14, sha256 1ddfc7c7d1db; if another
+# student is served later, point init_from at the file whose sha256 the run's config.json records under init).
 # Its fake score and optimizer state were not kept, so the fake score (and its encoder, the discriminator) starts from
 # the teacher again and trains alone for 600 iterations, as in continue3; then the generator trains on
 # 0.5 SiD + 0.5 GAN at once (the generator is already distilled, so no SiD-only stretch), with SiDA's alpha = 1.0.
@@ -418,3 +414,10 @@ PRESETS["fmnist-sida-attn-from-sid"] = replace(
     method_cfg=replace(PRESETS["fmnist-sid-attn-continue3"].method_cfg, alpha=1.0, adversarial=True, lambda_adv=0.01,
                        adv_mix_after=0, init_from="artifacts/fmnist-student.safetensors"),
     train=replace(PRESETS["fmnist-sid-attn-continue3"].train, steps=4000, seed=5))
+
+
+def get_preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
