@@ -338,7 +338,11 @@ PRESETS["fmnist-denoising-student-attn"] = RunConfig(
 # pairs in 41 minutes (~0.16 s each), then stopped by SIGTERM at iteration 2520 (161 kimg, 64 training minutes at
 # ~1.5 s/iteration): Inception KID 14.99 +- 0.69 x1e-3, FID 32.45 at N=2000 (model-best; benchmarks/results/
 # student_attn_denoising_student_euler16.md), against 28.47 with the Heun-9 pairs at the same budget. To reproduce
-# that budget: --set train.steps=2520.
+# that budget: --set train.steps=2520. Run again from nothing (pairs rebuilt, 48 minutes): held-out L1 identical to
+# the bit at every logged point to iteration 2500; stopped by SIGTERM at 2754 (176 kimg): Inception KID 14.83 +- 0.70
+# x1e-3, FID 32.19 at N=2000 (model-best; student_attn_denoising_student_euler16_2754it.md). Inception KID vs kimg:
+# 17.25 at 64, 14.99 at 161, 14.83 at 176 (ds_kid_curve.md); a power law through them reaches 1.5x the teacher's
+# best (11.7) near 850 kimg, ~6 hours on 2 CPU cores, if the slow curve holds.
 _DS_ATTN = PRESETS["fmnist-denoising-student-attn"]
 PRESETS["fmnist-denoising-student-attn-euler16"] = replace(
     _DS_ATTN, method_cfg=replace(_DS_ATTN.method_cfg, cache_dir="runs/pairs-attn-euler16-15k", teacher_sampler="euler",
