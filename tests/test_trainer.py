@@ -49,6 +49,19 @@ def test_resume_continues_the_same_run(tmp_path):
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+    # the resume recorded what its config changed (the run length), and config.json still holds the start's
+    (rec,) = [json.loads(line) for line in (tmp_path / "split" / "resumes.jsonl").read_text().splitlines()]
+    assert rec["iteration"] == 3 and rec["changed"] == {"train.steps": [3, 6], "run_config.train.steps": [3, 6]}
+    assert json.loads((tmp_path / "split" / "config.json").read_text())["train"]["steps"] == 3
+
+
+def test_config_diff_is_flat_and_ignores_tuple_vs_list():
+    from training.trainer import config_diff
+
+    old = {"a": {"b": (0.9, 0.98), "c": "constant"}, "d": 1}
+    new = {"a": {"b": [0.9, 0.98], "c": "cosine"}, "e": 2}
+    assert config_diff(old, new) == {"a.c": ["constant", "cosine"], "d": [1, None], "e": [None, 2]}
+    assert config_diff(old, old) == {}
 
 
 @needs_fmnist

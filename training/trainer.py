@@ -51,6 +51,17 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return _dist_info()
 
 
+def config_diff(old: Any, new: Any, prefix: str = "") -> dict[str, list]:
+    """Flat {dotted.key: [old, new]} of the leaves that differ between two JSON-like configs."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: dict[str, list] = {}
+        for k in sorted(set(old) | set(new), key=str):
+            out.update(config_diff(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    norm = lambda v: json.loads(json.dumps(v))  # tuples and lists compare alike
+    return {} if norm(old) == norm(new) else {prefix: [old, new]}
+
+
 def power_ema_gamma(sigma_rel: float) -> float:
     """Exponent gamma of the power-function EMA with relative standard deviation sigma_rel (Karras et al. 2024,
     EDM2, Eq. 3: sigma_rel^2 = (gamma+1) / ((gamma+2)^2 (gamma+3))); solved by bisection (monotone in gamma)."""
@@ -376,6 +387,20 @@ class Trainer:
             self.method.load_extra_state(meta.get("method_state", {}))
         self.it = int(meta["it"])
         self.best_val = meta.get("best_val") or float("inf")
+        self._record_resume(path, meta)
+
+    def _record_resume(self, path: Path, meta: dict) -> None:
+        """A resume may change the recipe (e.g. --set train.steps=... or a learning-rate decay): append what differs
+        from the saved state's config to resumes.jsonl, so the run folder tells its whole story (config.json keeps
+        the config the run started with)."""
+        if self.rank != 0:
+            return
+        changed = config_diff({"run_config": meta.get("run_config", {}), "train": meta.get("train", {})},
+                              {"run_config": self.run_config, "train": to_dict(self.cfg)})
+        with open(self.run_dir / "resumes.jsonl", "a") as f:
+            f.write(json.dumps({"iteration": int(meta["it"]), "state": path.name, "changed": changed, **stamp()}) + "\n")
+        if changed:
+            print(f"resuming with a changed config: {', '.join(sorted(changed))}", flush=True)
 
     def export_net(self) -> torch.nn.Module:
         name = self.method.export_name
