@@ -141,6 +141,22 @@ def test_noise_levels_follow_the_vp_range(tiny_denoiser):
     assert float(k.min()) < 0.01 and float(k.max()) < 25
 
 
+def test_fake_score_noise_levels(tiny_denoiser):
+    """'edm': the fake score trains on the teacher's draw (few sigma above 10); 'm_step': on the E/M-step's own."""
+    dev = torch.device("cpu")
+    torch.manual_seed(0)
+    edm = _emd(tiny_denoiser)._fake_sigma(20000, dev)
+    assert float((edm > 10).float().mean()) < 0.01
+    torch.manual_seed(0)
+    m = _emd(tiny_denoiser, fake_noise_levels="m_step")
+    fake = m._fake_sigma(20000, dev)
+    torch.manual_seed(0)
+    torch.testing.assert_close(fake, m._m_sigma(20000, dev), atol=0, rtol=0)
+    assert float((fake > 10).float().mean()) > 0.25
+    with pytest.raises(ValueError, match="fake_noise_levels"):
+        _emd(tiny_denoiser, fake_noise_levels="uniform")
+
+
 def test_emd_trains_finite_and_exports(tiny_artifacts, tmp_path):
     rc = override(get_preset("tiny-emd"), [f"teacher={json.dumps(str(tiny_artifacts['teacher_ckpt']))}",
                                            "train.steps=6"])

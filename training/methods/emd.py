@@ -45,6 +45,11 @@ class EMDConfig:
     P_mean: float = -1.2
     P_std: float = 1.2
     fake_warmup: int = 0
+    # noise levels of the fake score's denoising score matching: 'edm' the teacher's training draw (ln sigma ~
+    # N(P_mean, P_std^2), as SiD); 'm_step' the E/M-step's draw above, as DMD and Diff-Instruct train their fake
+    # score, so that D_psi is trained where the E-step queries it (the VP draw puts ~a third of sigma above 10, where
+    # the EDM draw puts ~2%)
+    fake_noise_levels: str = "edm"
     optim_generator: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, betas=(0.0, 0.999)))
     optim_fake: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, betas=(0.0, 0.999)))
 
@@ -74,6 +79,8 @@ class EMD(SiD):
     def __init__(self, cfg: EMDConfig, teacher, data=None):
         if cfg.noise_levels not in ("vp", "karras"):
             raise ValueError(f"noise_levels must be 'vp' or 'karras', got {cfg.noise_levels!r}")
+        if cfg.fake_noise_levels not in ("edm", "m_step"):
+            raise ValueError(f"fake_noise_levels must be 'edm' or 'm_step', got {cfg.fake_noise_levels!r}")
         sid_cfg = SiDConfig(sigma_init=cfg.sigma_init, t_max=cfg.t_max, P_mean=cfg.P_mean, P_std=cfg.P_std,
                             fake_warmup=cfg.fake_warmup, optim_generator=cfg.optim_generator,
                             optim_fake=cfg.optim_fake)
@@ -161,6 +168,9 @@ class EMD(SiD):
             target = target + (d_T - d_psi)
         loss = 0.5 * (chain.weight * (x - target) ** 2).flatten(1).sum(1).mean()
         return {"loss": loss, "drift_norm": (target - x.detach()).flatten(1).norm(dim=1).mean()}
+
+    def _fake_sigma(self, n, device):
+        return self._m_sigma(n, device) if self.emd_cfg.fake_noise_levels == "m_step" else super()._fake_sigma(n, device)
 
     def _m_sigma(self, n, device):
         if self.emd_cfg.noise_levels == "karras":

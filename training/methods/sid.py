@@ -114,7 +114,7 @@ class SiD(GeneratorMethod):
         labels = batch["labels"]
         if phase == "fake":
             x_g = self._generate(batch, grad=False).detach()
-            sigma = edm_sigma(len(x_g), x_g.device, self.cfg.P_mean, self.cfg.P_std)
+            sigma = self._fake_sigma(len(x_g), x_g.device)
             s = sigma.reshape(-1, 1, 1, 1)
             n = torch.randn_like(x_g) * s
             weight = edm_weight(s, self.sigma_data)
@@ -149,6 +149,10 @@ class SiD(GeneratorMethod):
         mixed = it >= self.cfg.fake_warmup + self.cfg.adv_mix_after
         return {"loss": 0.5 * sid + 0.5 * gan_w if mixed else sid, "sid": sid, "gan": bce,
                 "gan_weighted": gan_w}
+
+    def _fake_sigma(self, n, device):
+        """Noise levels of the fake score's denoising score matching: the teacher's training draw (EDM Table 1)."""
+        return edm_sigma(n, device, self.cfg.P_mean, self.cfg.P_std)
 
     def _gen_sigma(self, n, device):
         t = torch.rand(n, device=device) * (self.cfg.t_max / 1000.0)
