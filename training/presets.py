@@ -350,6 +350,8 @@ PRESETS["fmnist-denoising-student-attn"] = RunConfig(
 # x1e-3, FID 32.19 at N=2000 (model-best; student_attn_denoising_student_euler16_2754it.md). Inception KID vs kimg:
 # 17.25 at 64, 14.99 at 161, 14.83 at 176 (ds_kid_curve.md); a power law through them reaches 1.5x the teacher's
 # best (11.7) near 850 kimg, ~6 hours on 2 CPU cores, if the slow curve holds.
+# Resumed from 2754 with --set train.steps=6600 --set method_cfg.optim.decay=cosine (422 kimg, 121 more minutes):
+# Inception KID 13.47 +- 0.69 x1e-3, FID 30.47 at N=2000 (1.73x; student_attn_denoising_student_euler16_6600it.md).
 _DS_ATTN = PRESETS["fmnist-denoising-student-attn"]
 PRESETS["fmnist-denoising-student-attn-euler16"] = replace(
     _DS_ATTN, method_cfg=replace(_DS_ATTN.method_cfg, cache_dir="runs/pairs-attn-euler16-15k", teacher_sampler="euler",
