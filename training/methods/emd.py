@@ -48,7 +48,7 @@ class EMDConfig:
     # noise levels of the fake score's denoising score matching: 'edm' the teacher's training draw (ln sigma ~
     # N(P_mean, P_std^2), as SiD); 'm_step' the E/M-step's draw above, as DMD and Diff-Instruct train their fake
     # score, so that D_psi is trained where the E-step queries it (the VP draw puts ~a third of sigma above 10, where
-    # the EDM draw puts ~2%)
+    # the EDM draw puts ~0.2%)
     fake_noise_levels: str = "edm"
     optim_generator: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, betas=(0.0, 0.999)))
     optim_fake: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, betas=(0.0, 0.999)))
